@@ -1,0 +1,1415 @@
+#!/usr/bin/env python3
+"""rexec -- run processes on this host for HTTP clients and stream their stdout.
+
+A client POSTs a JSON description of a command to /process.  rexec starts it
+in a process group of its own and streams whatever it writes to stdout back as
+the HTTP response, live, in chunks written as soon as they are read; the
+response ends with trailers that carry the exit status (Rexec-Exit-Code) and
+why the process ended (Rexec-Reason).  Closing the connection ends the whole
+process group.  GET /process lists what runs, DELETE /process/ALIAS ends one,
+GET /metrics and GET /health are for operators.  The same file is a client:
+
+    python3 rexec.py --port 8910                              # the server
+    python3 rexec.py run --url http://host:8910 -- du -h -c   # the client
+
+SECURITY WARNING: rexec runs any command, as the user it runs as, for whoever
+may talk to it.  With no token configured it serves loopback peers only
+("protected mode").  Set REXEC_TOKEN (or --token-file), and TLS
+(--certfile/--keyfile, --client-ca) beyond a trusted network, before you let
+anyone else reach its port; --allow narrows what may be run.
+
+Standard library only; CPython 3.6 or newer; Linux first, other POSIX systems
+(macOS) without the Linux fast paths.  Not for Windows.
+"""
+
+import argparse
+import collections
+import contextlib
+import errno
+import fcntl
+import hmac
+import http.server
+import io
+import ipaddress
+import json
+import logging
+import math
+import os
+import pty
+import resource
+import selectors
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.parse
+from http import HTTPStatus
+
+try:
+    import ssl
+except ImportError:  # a Python built without OpenSSL still serves plain HTTP
+    ssl = None
+
+__version__ = "1.0.0"
+
+DEFAULT_IP = "0.0.0.0"
+DEFAULT_PORT = 8910
+DEFAULT_GRACE = 3.0          # seconds a process group gets between SIGTERM and SIGKILL
+DEFAULT_MAX_PROCS = 1024     # concurrent processes; high enough for a 1000-stream fleet
+MAX_BODY = 1 << 20           # request bodies above this get 413 without being read
+READ_SIZE = 64 * 1024        # the most output a copied chunk holds in memory
+SPLICE_MIN = 16 * 1024       # smaller chunks are copied: one sendmsg beats three calls
+PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
+REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
+WRITE_TIMEOUT = 30.0         # seconds a client that stopped reading may hold up a stream's end
+HANDSHAKE_TIMEOUT = 10.0     # seconds for a TLS handshake, on the connection's own thread
+LINGER_TIME = 1.0            # seconds spent discarding an unread body before closing
+THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in little memory
+LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
+SD_LISTEN_FDS_START = 3      # systemd socket activation hands the socket over as fd 3
+TRACE = 5                    # the -vv log level, below DEBUG
+
+# Socket errnos that mean "the peer is gone", not "rexec is broken".
+PEER_GONE_ERRNOS = frozenset({
+    errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ESHUTDOWN,
+    errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETRESET,
+})
+REASONS = ("exit", "timeout", "killed", "shutdown", "disconnect")
+STDERR_MODES = {"inherit": None, "merge": subprocess.STDOUT, "discard": subprocess.DEVNULL}
+SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
+CAN_SPLICE = hasattr(os, "splice")
+CAN_PIDFD = hasattr(os, "pidfd_open")
+
+log = logging.getLogger("rexec")
+
+
+# --------------------------------------------------------------------------
+# Protocol: chunked framing and the non-blocking body writer
+# --------------------------------------------------------------------------
+
+class ClientDisconnected(Exception):
+    """The client is gone: a write failed, timed out, or its socket hit EOF."""
+
+
+class Refused(Exception):
+    """A request that gets an error response: status, one-line message, headers."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def is_peer_gone(exc):
+    """True for the socket errors a vanished client causes."""
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        return not isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
+    return isinstance(exc, (ConnectionError, socket.timeout)) or (
+        isinstance(exc, OSError) and exc.errno in PEER_GONE_ERRNOS)
+
+
+def chunk_head(size):
+    """The line that opens a chunk of `size` (> 0) bytes."""
+    return b"%X\r\n" % size
+
+
+def last_chunk(trailers):
+    """The zero-size chunk that ends a chunked body, with its trailer fields."""
+    return b"0\r\n" + b"".join(b"%s: %s\r\n" % (k.encode("ascii"), v.encode("ascii"))
+                               for k, v in trailers) + b"\r\n"
+
+
+def fionread(fd):
+    """Bytes waiting to be read in a pipe or terminal."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+
+
+def wait_writable(sock, timeout):
+    """Block until `sock` can take more bytes; False when `timeout` passes first."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_WRITE)
+        return bool(sel.select(timeout))
+
+
+class BodyWriter:
+    """Writes one response body to a non-blocking client socket.
+
+    At most one frame (chunk head, data, CRLF) is pending at a time: the stream
+    reads the child's pipe only when `idle`, so a slow client slows the child
+    through its full pipe instead of growing memory here.  A pending item is
+    bytes, or an int: that many bytes still to splice from the pipe straight
+    into the socket.  chunked=False writes the raw bytes (an HTTP/1.0 client:
+    the body ends when the connection closes).  Every write that fails because
+    the peer is gone raises ClientDisconnected.
+    """
+
+    def __init__(self, sock, chunked):
+        self.sock = sock
+        self.chunked = chunked
+        self.tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
+        self.pending = collections.deque()
+        self.splice_fd = None
+        self.progress_at = time.monotonic()   # when the client last took bytes
+
+    @property
+    def idle(self):
+        return not self.pending
+
+    def frame(self, data):
+        """Queue `data` (non-empty) as one chunk."""
+        if not self.chunked:
+            self.pending.append(data)
+        elif self.tls:  # one TLS record run per chunk, not three
+            self.pending.append(b"".join((chunk_head(len(data)), data, b"\r\n")))
+        else:
+            self.pending.extend((chunk_head(len(data)), data, b"\r\n"))
+
+    def frame_from_pipe(self, fd, size):
+        """Queue `size` (> 0) bytes waiting in pipe `fd` as one chunk, to be spliced."""
+        self.splice_fd = fd
+        if self.chunked:
+            self.pending.extend((chunk_head(size), size, b"\r\n"))
+        else:
+            self.pending.append(size)
+
+    def flush(self):
+        """Send what the socket takes without blocking; True once nothing is pending."""
+        self.progress_at = time.monotonic()
+        try:
+            while self.pending:
+                item = self.pending[0]
+                if isinstance(item, int):
+                    self._splice(item)
+                elif self.tls:
+                    self._consume(self.sock.send(item))
+                else:
+                    self._consume(self.sock.sendmsg(self._leading_bytes()))
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if ssl is not None and isinstance(exc, (ssl.SSLWantWriteError, ssl.SSLWantReadError)):
+                return False
+            if is_peer_gone(exc):
+                raise ClientDisconnected(str(exc)) from exc
+            raise
+
+    def finish(self, trailers):
+        """Send what is pending and the last chunk, blocking up to WRITE_TIMEOUT."""
+        if self.chunked:
+            self.pending.append(last_chunk(trailers))
+        while not self.flush():
+            if not wait_writable(self.sock, WRITE_TIMEOUT):
+                raise ClientDisconnected("the client stopped reading")
+
+    def _leading_bytes(self):
+        run = []
+        for item in self.pending:
+            if isinstance(item, int):
+                break
+            run.append(item)
+        return run
+
+    def _consume(self, sent):
+        while sent:
+            item = self.pending[0]
+            if len(item) <= sent:
+                sent -= len(item)
+                self.pending.popleft()
+            else:
+                self.pending[0] = memoryview(item)[sent:]
+                sent = 0
+
+    def _splice(self, size):
+        moved = os.splice(self.splice_fd, self.sock.fileno(), size,
+                          flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        if moved <= 0:  # only this thread reads the pipe, so FIONREAD's bytes are there
+            raise RuntimeError("pipe lost %d announced bytes" % size)
+        if moved < size:
+            self.pending[0] = size - moved
+        else:
+            self.pending.popleft()
+
+
+# --------------------------------------------------------------------------
+# Requests: what a client may ask for
+# --------------------------------------------------------------------------
+
+class ProcessSpec:
+    """A validated POST /process body; see parse_spec()."""
+
+    __slots__ = SPEC_FIELDS
+
+    def __init__(self, **fields):
+        for name in SPEC_FIELDS:
+            setattr(self, name, fields[name])
+
+
+def _text(obj, name, default=None, required=False, nonempty=False):
+    """Field `name` of `obj` as a str that can become an OS argument."""
+    if name not in obj:
+        if required:
+            raise Refused(HTTPStatus.BAD_REQUEST, "field %r is required" % name)
+        return default
+    value = obj[name]
+    if not isinstance(value, str):
+        raise Refused(HTTPStatus.BAD_REQUEST, "field %r must be a string" % name)
+    _check_os_string(value, "field %r" % name)
+    if nonempty and not value:
+        raise Refused(HTTPStatus.BAD_REQUEST, "field %r must not be empty" % name)
+    return value
+
+
+def _check_os_string(value, what):
+    if "\0" in value:
+        raise Refused(HTTPStatus.BAD_REQUEST, "%s contains a NUL byte" % what)
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text" % what)
+
+
+def parse_spec(body):
+    """Turn a request body into a ProcessSpec, or raise Refused(400) naming the problem.
+
+    Fields: alias and cmd (non-empty strings, required); args (list of
+    strings); cwd (string, default "."); envs (object of string to string,
+    added to the server's environment); timeout (positive number of seconds);
+    stdin (string, fed to the child as UTF-8); stderr ("inherit", "merge",
+    "discard"); tty (boolean).  Unknown fields are refused, so that a typo
+    such as "timout" cannot silently run a command without its limit.
+    """
+    bad = HTTPStatus.BAD_REQUEST
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Refused(bad, "the body is not UTF-8")
+    except RecursionError:
+        raise Refused(bad, "the body is nested too deeply")
+    except ValueError as exc:
+        raise Refused(bad, "the body is not JSON: %s" % exc)
+    if not isinstance(obj, dict):
+        raise Refused(bad, "the body must be a JSON object")
+    unknown = sorted(set(obj) - set(SPEC_FIELDS))
+    if unknown:
+        raise Refused(bad, "unknown field(s): %s" % ", ".join(map(repr, unknown)))
+
+    args = obj.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise Refused(bad, "field 'args' must be a list of strings")
+    for arg in args:
+        _check_os_string(arg, "field 'args'")
+    envs = obj.get("envs", {})
+    if not isinstance(envs, dict) or not all(isinstance(v, str) for v in envs.values()):
+        raise Refused(bad, "field 'envs' must be an object of strings")
+    for key, value in envs.items():
+        if not key or "=" in key:
+            raise Refused(bad, "field 'envs' has an invalid variable name %r" % key)
+        _check_os_string(key, "a name in field 'envs'")
+        _check_os_string(value, "a value in field 'envs'")
+    timeout = obj.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise Refused(bad, "field 'timeout' must be a positive number of seconds")
+    stdin = obj.get("stdin")
+    if stdin is not None:
+        if not isinstance(stdin, str):
+            raise Refused(bad, "field 'stdin' must be a string")
+        try:
+            stdin = stdin.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refused(bad, "field 'stdin' is not valid Unicode text")
+    stderr = obj.get("stderr", "inherit")
+    if stderr not in STDERR_MODES:
+        raise Refused(bad, "field 'stderr' must be one of %s" % ", ".join(STDERR_MODES))
+    tty = obj.get("tty", False)
+    if not isinstance(tty, bool):
+        raise Refused(bad, "field 'tty' must be true or false")
+    return ProcessSpec(alias=_text(obj, "alias", required=True, nonempty=True),
+                       cmd=_text(obj, "cmd", required=True, nonempty=True),
+                       args=args, cwd=_text(obj, "cwd", ".", nonempty=True), envs=envs,
+                       timeout=timeout, stdin=stdin, stderr=stderr, tty=tty)
+
+
+# --------------------------------------------------------------------------
+# Process supervision
+# --------------------------------------------------------------------------
+
+def signal_group(pgid, sig):
+    """Send `sig` to a process group; a group that is already gone is fine."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # macOS says EPERM for a zombie-only group
+        pass
+
+
+def open_pty():
+    """A pseudo-terminal pair whose output passes bytes through unchanged."""
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.OPOST  # no "\n" -> "\r\n": the stream stays byte-exact
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    return master, slave
+
+
+class Process:
+    """One child and its process group, as the registry and its stream see it.
+
+    The child leads a new session (start_new_session, never preexec_fn: that
+    can deadlock a threaded server), so its pid is the id of its whole group.
+    stop() may be called from any thread; the stream's thread does the rest.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.alias = spec.alias
+        self.popen = None
+        self.output_fd = None        # the pipe or terminal the stream reads
+        self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.reason = None           # why it ends: one of REASONS; the first one set wins
+        self.exit_code = None
+        self.done = threading.Event()   # set once the child is reaped
+        self._lock = threading.Lock()
+        self.wake_fd = self._wake_w = None
+
+    @property
+    def pid(self):
+        return self.popen.pid if self.popen else None
+
+    def describe(self):
+        """What GET /process shows of it (never its environment or stdin)."""
+        spec = self.spec
+        return {"alias": self.alias, "pid": self.pid, "cmd": spec.cmd, "args": spec.args,
+                "cwd": spec.cwd, "started": self.started, "timeout": spec.timeout,
+                "tty": spec.tty}
+
+    def start(self):
+        """Start the child; raises OSError when it cannot start."""
+        spec = self.spec
+        env = dict(os.environ)
+        env.update(spec.envs)
+        stdin = subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE
+        self.wake_fd, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        try:
+            if spec.tty:
+                self.output_fd, slave = open_pty()
+                stderr = subprocess.DEVNULL if spec.stderr == "discard" else slave
+                try:
+                    self.popen = subprocess.Popen(
+                        [spec.cmd] + spec.args, cwd=spec.cwd, env=env, stdin=stdin,
+                        stdout=slave, stderr=stderr, close_fds=True, start_new_session=True)
+                finally:
+                    os.close(slave)
+            else:
+                self.popen = subprocess.Popen(
+                    [spec.cmd] + spec.args, cwd=spec.cwd, env=env, stdin=stdin,
+                    stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr], bufsize=0,
+                    close_fds=True, start_new_session=True)
+                self.output_fd = self.popen.stdout.fileno()
+                if F_SETPIPE_SZ:
+                    try:
+                        fcntl.fcntl(self.output_fd, F_SETPIPE_SZ, PIPE_SIZE)
+                    except OSError:  # over the per-user pipe budget: the default works
+                        pass
+        except BaseException:
+            self.close()
+            raise
+        os.set_blocking(self.output_fd, False)
+
+    def stop(self, reason):
+        """Ask for the group to end (TERM, then KILL after grace) because of `reason`."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            if self._wake_w is not None:
+                try:
+                    os.write(self._wake_w, b"!")
+                except OSError:  # full: a wake-up is already waiting
+                    pass
+
+    def settle_reason(self, reason):
+        """Record `reason` unless another one came first; returns the one that holds."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            return self.reason
+
+    def close(self):
+        """Close every descriptor this side holds (the wake pipe under the lock:
+        a late stop() must never write into a reused descriptor number)."""
+        with self._lock:
+            fds, self.wake_fd, self._wake_w = (self.wake_fd, self._wake_w), None, None
+        for fd in fds + ((self.output_fd,) if self.spec.tty else ()):
+            if fd is not None:
+                os.close(fd)
+        if self.popen:
+            for pipe in (self.popen.stdin, self.popen.stdout):
+                if pipe:
+                    pipe.close()
+
+
+class Stream:
+    """Pumps one child's output to one client until the child is gone.
+
+    Whatever ends it -- the child exits, the client goes away (a failed write,
+    or EOF on its socket while the child is silent), the timeout passes, a
+    DELETE or a shutdown asks -- the whole group gets SIGTERM, then SIGKILL
+    after `grace`, and the child is reaped before run() returns.  All of it
+    happens on the connection's own thread, which sleeps in one selector on the
+    output, the socket, the child's stdin, its exit and a wake-up pipe: an idle
+    stream costs no CPU, and nothing but a timer wakes it.
+    """
+
+    def __init__(self, proc, sock, writer, grace):
+        self.proc = proc
+        self.sock = sock
+        self.writer = writer
+        self.grace = grace
+        self.tls = writer.tls
+        self.splice = CAN_SPLICE and not writer.tls and not proc.spec.tty
+        self.deadline = proc.started_mono + proc.spec.timeout if proc.spec.timeout else None
+        self.output_open = True
+        self.watch_client = True     # off once the client sends more (its next request)
+        self.client_gone = False
+        self.data_lost = False       # a TLS client's early byte was read: close after this
+        self.exited = False
+        self.term_at = None          # monotonic time the group got SIGTERM
+        self.killed = False          # SIGKILL sent
+        self.sent = 0                # output bytes framed for the client
+        self.stdin = proc.spec.stdin
+        self.stdin_fd = proc.popen.stdin.fileno() if proc.popen.stdin else None
+        self._registered = {}
+        self._exit_fd = None
+
+    def run(self):
+        """Stream until the child is gone and reaped; returns its exit code."""
+        sel = selectors.DefaultSelector()
+        try:
+            self._watch_exit()
+            if self.stdin_fd is not None:
+                os.set_blocking(self.stdin_fd, False)
+            self._advance(time.monotonic())
+            while not self._finished():
+                self._update(sel)
+                for key, mask in sel.select(self._select_timeout()):
+                    key.data(mask)
+                self._advance(time.monotonic())
+        finally:
+            sel.close()
+            self._end()
+        return self.proc.exit_code
+
+    # -- what to wait for -------------------------------------------------
+
+    def _update(self, sel):
+        proc = self.proc
+        self._want(sel, proc.wake_fd, selectors.EVENT_READ, self._on_wake)
+        if self._exit_fd is not None:
+            self._want(sel, self._exit_fd, 0 if self.exited else selectors.EVENT_READ, self._on_exit)
+        reading = self.output_open and (self.writer.idle or self.client_gone)
+        self._want(sel, proc.output_fd, selectors.EVENT_READ if reading else 0, self._on_output)
+        sock_events = 0
+        if not self.client_gone:
+            if self.watch_client:
+                sock_events |= selectors.EVENT_READ
+            if not self.writer.idle:
+                sock_events |= selectors.EVENT_WRITE
+        self._want(sel, self.sock, sock_events, self._on_socket)
+        if self.stdin_fd is not None:
+            self._want(sel, self.stdin_fd, selectors.EVENT_WRITE if self.stdin else 0, self._on_stdin)
+            if not self.stdin:  # all fed (or refused): the child sees EOF
+                proc.popen.stdin.close()
+                self.stdin_fd = None
+
+    def _want(self, sel, fileobj, events, callback):
+        current = self._registered.get(fileobj, 0)
+        if events == current:
+            return
+        if not current:
+            sel.register(fileobj, events, callback)
+        elif not events:
+            sel.unregister(fileobj)
+        else:
+            sel.modify(fileobj, events, callback)
+        self._registered[fileobj] = events
+
+    def _select_timeout(self):
+        times = []
+        if self.deadline is not None and self.proc.reason is None:
+            times.append(self.deadline)
+        if self.term_at is not None and not self.killed:
+            times.append(self.term_at + self.grace)
+        if self.exited and not self.writer.idle:
+            times.append(self.writer.progress_at + WRITE_TIMEOUT)
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def _watch_exit(self):
+        """Arrange to learn of the child's exit while it stays a zombie: its pid
+        (the group id) cannot be reused until reaped, so signalling the group
+        stays safe."""
+        if CAN_PIDFD:
+            try:
+                self._exit_fd = os.pidfd_open(self.proc.pid)
+                return
+            except OSError:  # a kernel older than 5.3
+                pass
+        threading.Thread(target=self._wait_in_thread, daemon=True,
+                         name="rexec-wait-%d" % self.proc.pid).start()
+
+    def _wait_in_thread(self):
+        try:
+            if hasattr(os, "waitid"):
+                os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+            else:
+                self.proc.popen.wait()
+        except ChildProcessError:
+            pass
+        self.exited = True
+        self.proc.stop("exit")
+
+    # -- events ------------------------------------------------------------
+
+    def _on_wake(self, mask):
+        try:
+            os.read(self.proc.wake_fd, 512)
+        except BlockingIOError:
+            pass
+
+    def _on_exit(self, mask):
+        self.exited = True
+
+    def _on_output(self, mask):
+        fd = self.proc.output_fd
+        if self.client_gone:
+            self._read(fd, READ_SIZE)
+            return
+        size = fionread(fd) if self.splice else 0
+        if size >= SPLICE_MIN:
+            self.writer.frame_from_pipe(fd, min(size, PIPE_SIZE))
+        else:
+            data = self._read(fd, READ_SIZE)
+            if not data:
+                return
+            size = len(data)
+            self.writer.frame(data)
+        self.sent += size
+        if log.isEnabledFor(TRACE):
+            log.log(TRACE, "chunk alias=%s bytes=%d", printable(self.proc.alias), size)
+        self._flush()
+
+    def _read(self, fd, size):
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: a terminal whose last writer is gone
+                raise
+            data = b""
+        if not data:
+            self.output_open = False
+        return data
+
+    def _on_socket(self, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and not self.client_gone:
+            self._check_client()
+
+    def _check_client(self):
+        """The socket is readable while we only write: EOF means the client left."""
+        try:
+            if self.tls:  # no MSG_PEEK through TLS: a byte read here is lost
+                data = self.sock.recv(1)
+            else:
+                data = self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if ssl is not None and isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+                return
+            if not is_peer_gone(exc):
+                raise
+            data = b""
+        if data:
+            self.watch_client = False  # it sent its next request; write errors still tell
+            self.data_lost = self.tls
+        else:
+            self.lose_client()
+
+    def _flush(self):
+        try:
+            self.writer.flush()
+        except ClientDisconnected:
+            self.lose_client()
+
+    def lose_client(self):
+        if not self.client_gone:
+            self.client_gone = True
+            self.writer.pending.clear()
+            self.proc.settle_reason("disconnect")
+
+    def _on_stdin(self, mask):
+        try:
+            written = os.write(self.stdin_fd, self.stdin[:READ_SIZE])
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError):  # the child will not read it all
+            written = len(self.stdin)
+        self.stdin = self.stdin[written:]
+
+    # -- ending ------------------------------------------------------------
+
+    def _advance(self, now):
+        """Move the group towards its end: TERM once there is a reason, KILL after grace."""
+        if self.exited:
+            self.proc.settle_reason("exit")
+        elif self.deadline is not None and now >= self.deadline:
+            self.proc.settle_reason("timeout")
+        reason = self.proc.reason
+        if reason and self.term_at is None:
+            if not (reason == "exit" and not self.output_open):
+                # the child, or what it left behind (`cmd &`), gets its SIGTERM
+                signal_group(self.proc.pid, signal.SIGTERM)
+            self.term_at = now
+        if self.term_at is not None and not self.killed and now >= self.term_at + self.grace:
+            signal_group(self.proc.pid, signal.SIGKILL)
+            self.killed = True
+        if self.exited and not self.writer.idle and now >= self.writer.progress_at + WRITE_TIMEOUT:
+            self.lose_client()  # the child is dead and the client stopped reading
+
+    def _finished(self):
+        if not self.exited:
+            return False
+        if self.client_gone or not self.output_open:
+            return True
+        # The child is dead but something (an escaped grandchild) still holds
+        # the pipe: after SIGKILL, stop once what is in it has gone out.
+        return self.killed and self.writer.idle and fionread(self.proc.output_fd) == 0
+
+    def _end(self):
+        """Every way out: kill what is left of the group, reap, close."""
+        proc = self.proc
+        signal_group(proc.pid, signal.SIGKILL)
+        proc.popen.wait()
+        proc.exit_code = proc.popen.returncode
+        proc.settle_reason("exit")
+        if self._exit_fd is not None:
+            os.close(self._exit_fd)
+        proc.close()
+
+
+# --------------------------------------------------------------------------
+# Registry and metrics
+# --------------------------------------------------------------------------
+
+class Registry:
+    """Running processes by alias: one per alias, at most `limit`, none once closed."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._procs = {}
+        self._closed = False
+
+    def claim(self, proc):
+        """Take proc's alias, or raise Refused (409 busy alias, 503 full or closing)."""
+        with self._lock:
+            if self._closed:
+                raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "rexec is shutting down")
+            if proc.alias in self._procs:
+                raise Refused(HTTPStatus.CONFLICT, "alias %r is already running" % proc.alias)
+            if len(self._procs) >= self.limit:
+                raise Refused(HTTPStatus.SERVICE_UNAVAILABLE,
+                              "%d processes are running, the most allowed (--max-procs)"
+                              % self.limit, [("Retry-After", "1")])
+            self._procs[proc.alias] = proc
+
+    def release(self, proc):
+        with self._lock:
+            if self._procs.get(proc.alias) is proc:
+                del self._procs[proc.alias]
+
+    def get(self, alias):
+        with self._lock:
+            return self._procs.get(alias)
+
+    def snapshot(self):
+        with self._lock:
+            return sorted(self._procs.values(), key=lambda p: p.started)
+
+    def close(self):
+        """Refuse new processes and return the running ones."""
+        with self._lock:
+            self._closed = True
+        return self.snapshot()
+
+    def __len__(self):
+        return len(self._procs)
+
+
+class Metrics:
+    """Counters for GET /metrics, in the Prometheus text format 0.0.4."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+        self.started = 0
+        self.spawn_failures = 0
+        self.exits = dict.fromkeys(REASONS, 0)
+        self.requests = collections.Counter()
+        self.bytes = 0
+
+    def count(self, **increments):
+        with self._lock:
+            for name, value in increments.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def count_exit(self, reason, sent):
+        with self._lock:
+            self.exits[reason] += 1
+            self.bytes += sent
+
+    def count_request(self, status):
+        with self._lock:
+            self.requests[int(status)] += 1
+
+    def render(self, running):
+        with self._lock:
+            families = [
+                ("processes_running", "gauge", "Processes running now.", [("", running)]),
+                ("processes_started_total", "counter", "Processes started.", [("", self.started)]),
+                ("process_exits_total", "counter", "Processes ended, by why they ended.",
+                 [('{reason="%s"}' % r, n) for r, n in self.exits.items()]),
+                ("spawn_failures_total", "counter", "Processes that could not start.",
+                 [("", self.spawn_failures)]),
+                ("requests_total", "counter", "HTTP requests answered, by status code.",
+                 [('{code="%d"}' % c, n) for c, n in sorted(self.requests.items())]),
+                ("stream_bytes_total", "counter", "Output bytes streamed to clients.",
+                 [("", self.bytes)]),
+                ("uptime_seconds", "gauge", "Seconds since rexec started.",
+                 [("", round(time.time() - self.started_at, 3))]),
+            ]
+        lines = []
+        for name, kind, help_text, samples in families:
+            lines += ["# HELP rexec_%s %s" % (name, help_text), "# TYPE rexec_%s %s" % (name, kind)]
+            lines += ["rexec_%s%s %s" % (name, labels, value) for labels, value in samples]
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------
+
+def printable(value):
+    """A log-safe rendering: no control characters, quoted when it has spaces."""
+    text = str(value)
+    if text and all(c.isprintable() and not c.isspace() for c in text):
+        return text
+    return json.dumps(text)
+
+
+def log_event(level, event, **fields):
+    """One log line: 'event k=v ...' as text, or the fields as a JSON object."""
+    text = " ".join([event] + ["%s=%s" % (k, printable(v)) for k, v in fields.items()])
+    log.log(level, "%s", text, extra={"fields": dict(fields, event=event)})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record):
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower()}
+        fields = getattr(record, "fields", None)
+        entry.update(fields) if fields else entry.update(message=record.getMessage())
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(verbosity, fmt):
+    logging.addLevelName(TRACE, "TRACE")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel([logging.INFO, logging.DEBUG, TRACE][min(verbosity, 2)])
+
+
+# --------------------------------------------------------------------------
+# HTTP handler
+# --------------------------------------------------------------------------
+
+class DeadlineReader(io.RawIOBase):
+    """Socket reads that share one deadline, so a request trickled in a byte at
+    a time is cut off as surely as a silent one (the socket's own timeout
+    restarts with every byte)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request took too long to arrive")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+def is_loopback(host):
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+class RexecHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the rexec API on one connection, one request after another."""
+
+    server_version = "rexec/" + __version__
+    protocol_version = "HTTP/1.1"   # keep-alive, and chunked responses with trailers
+    timeout = REQUEST_TIMEOUT       # socket timeout; DeadlineReader bounds a whole request
+
+    def setup(self):
+        context = self.server.ssl_context
+        if context is not None:  # the handshake runs here, never on the accepting thread
+            self.request.settimeout(HANDSHAKE_TIMEOUT)
+            self.request = context.wrap_socket(self.request, server_side=True)
+        super().setup()
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            if self.server.ssl_context is not None:
+                self.connection.close()
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.status = None
+        self.sent = 0
+        self.alias = None
+        self.unread_body = False
+        self.begun = time.monotonic()
+        self.command = self.requestline = ""
+        super().handle_one_request()
+        if self.status is not None:
+            self._log_access()
+        if self.unread_body:
+            self.close_connection = True
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _route(self):
+        """The method serving this request, or None (501)."""
+        path = self.path.partition("?")[0]
+        if path == "/process":
+            return {"POST": self.start_process, "GET": self.list_processes}.get(self.command)
+        if path.startswith("/process/") and self.command == "DELETE":
+            return self.kill_process
+        if self.command == "GET":
+            return {"/metrics": self.serve_metrics, "/health": self.serve_health}.get(path)
+        return None
+
+    def _preflight(self):
+        """Everything that can refuse a request before its body is read."""
+        action = self._route()
+        if action != self.serve_health:
+            self._authorize()
+        if action is None:
+            raise Refused(HTTPStatus.NOT_IMPLEMENTED, "%s %s is not supported"
+                          % (self.command, self.path.partition("?")[0]))
+        if action == self.start_process:
+            self._body_length()
+        return action
+
+    def _handle(self):
+        length = self.headers.get("Content-Length", "0").strip()
+        self.unread_body = "Transfer-Encoding" in self.headers or length not in ("", "0")
+        try:
+            self._preflight()()
+        except Refused as refusal:
+            self.send_text(refusal.status, refusal.message, refusal.headers)
+        except ClientDisconnected:
+            self.close_connection = True
+        except Exception:
+            log.exception("internal error serving %s %s", self.command, printable(self.path))
+            self.close_connection = True
+            if self.status is None:
+                self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server log")
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _handle
+
+    def handle_expect_100(self):
+        """Refuse (401, 403, 413, ...) before the client sends a body it need not send."""
+        try:
+            self._preflight()
+        except Refused as refusal:
+            self.unread_body = True
+            self.send_text(refusal.status, refusal.message, refusal.headers)
+            return False
+        return super().handle_expect_100()
+
+    def _authorize(self):
+        server = self.server
+        if server.token is None:
+            if server.no_auth or is_loopback(self.client_address[0]):
+                return
+            raise Refused(HTTPStatus.FORBIDDEN,
+                          "rexec serves only loopback peers until it has a token: "
+                          "start it with REXEC_TOKEN or --token-file (or --no-auth)")
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                credentials.strip().encode("latin-1"), server.token):
+            return
+        log_event(logging.WARNING, "auth-failed", peer=self.client_address[0])
+        raise Refused(HTTPStatus.UNAUTHORIZED,
+                      "this server wants an 'Authorization: Bearer <token>' header with its token",
+                      [("WWW-Authenticate", 'Bearer realm="rexec"')])
+
+    def _body_length(self):
+        if "Transfer-Encoding" in self.headers:
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "a JSON body with a Content-Length is required")
+        if not length.strip().isdigit():
+            raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
+        if int(length) > MAX_BODY:
+            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                          "the body is larger than %d bytes" % MAX_BODY)
+        return int(length)
+
+    def _read_body(self):
+        length = self._body_length()
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ClientDisconnected("the body ended early")
+        self.unread_body = False
+        return body
+
+    # -- endpoints -----------------------------------------------------------
+
+    def start_process(self):
+        """POST /process: run the command and stream its output."""
+        server = self.server
+        spec = parse_spec(self._read_body())
+        self.alias = spec.alias
+        if server.allow is not None and spec.cmd not in server.allow:
+            raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (--allow)" % spec.cmd)
+        log_event(logging.DEBUG, "request", alias=spec.alias, cmd=spec.cmd, args=spec.args,
+                  cwd=spec.cwd, env_names=sorted(spec.envs), timeout=spec.timeout,
+                  stdin_bytes=None if spec.stdin is None else len(spec.stdin),
+                  stderr=spec.stderr, tty=spec.tty)
+        proc = Process(spec)
+        server.registry.claim(proc)
+        try:
+            proc.start()
+        except OSError as exc:
+            server.registry.release(proc)
+            server.metrics.count(spawn_failures=1)
+            log_event(logging.INFO, "spawn-failed", alias=spec.alias, cmd=spec.cmd,
+                      error=exc.strerror or str(exc))
+            raise Refused(HTTPStatus.NOT_FOUND, "cannot start %r: %s" % (spec.cmd, os_reason(exc)))
+        except BaseException:
+            server.registry.release(proc)
+            raise
+        server.metrics.count(started=1)
+        log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd)
+        with server.stream_tracker():
+            self._stream(proc)
+
+    def _stream(self, proc):
+        chunked = self.request_version != "HTTP/1.0"
+        writer = BodyWriter(self.connection, chunked)
+        stream = Stream(proc, self.connection, writer, self.server.grace)
+        try:
+            try:
+                self._send_stream_head(chunked)
+            except OSError as exc:  # gone already; the stream still ends the group
+                log.debug("client left before the stream began: %s", exc)
+                stream.lose_client()
+            self.connection.setblocking(False)
+            stream.run()
+        finally:
+            self.sent = stream.sent
+            self.server.registry.release(proc)   # before the last chunk: the alias is free
+            proc.done.set()
+            self.server.metrics.count_exit(proc.reason, stream.sent)
+            log_event(logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
+                      exit=proc.exit_code, reason=proc.reason,
+                      duration="%.3fs" % (time.monotonic() - proc.started_mono), bytes=stream.sent)
+        if stream.client_gone or stream.data_lost or not chunked:
+            self.close_connection = True
+        try:
+            if not stream.client_gone:
+                writer.finish([("Rexec-Exit-Code", str(proc.exit_code)), ("Rexec-Reason", proc.reason)])
+        except ClientDisconnected:
+            self.close_connection = True
+        finally:
+            self.connection.settimeout(self.timeout)
+
+    def _send_stream_head(self, chunked):
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Trailer", "Rexec-Exit-Code, Rexec-Reason")
+        else:  # HTTP/1.0: raw bytes, the end of the body is the end of the connection
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def list_processes(self):
+        """GET /process: the running processes, oldest first."""
+        self.send_json(HTTPStatus.OK, [p.describe() for p in self.server.registry.snapshot()])
+
+    def kill_process(self):
+        """DELETE /process/ALIAS: end it as a timeout would, answer once it is reaped."""
+        try:
+            alias = urllib.parse.unquote(self.path.partition("?")[0][len("/process/"):],
+                                         errors="strict")
+        except UnicodeDecodeError:
+            raise Refused(HTTPStatus.BAD_REQUEST, "the alias in the path is not UTF-8")
+        self.alias = alias
+        proc = self.server.registry.get(alias)
+        if proc is None:
+            raise Refused(HTTPStatus.NOT_FOUND, "no process with alias %r is running" % alias)
+        proc.stop("killed")
+        proc.done.wait()
+        self.send_json(HTTPStatus.OK, {"alias": alias, "exit_code": proc.exit_code})
+
+    def serve_metrics(self):
+        body = self.server.metrics.render(len(self.server.registry))
+        self.send_text(HTTPStatus.OK, body, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def serve_health(self):
+        self.send_text(HTTPStatus.OK, "ok")
+
+    # -- responses -----------------------------------------------------------
+
+    def send_text(self, status, text, headers=(), content_type="text/plain; charset=utf-8"):
+        """A complete response with a Content-Length; text gets a final newline."""
+        body = text.encode("utf-8") if text.endswith("\n") else (text + "\n").encode("utf-8")
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if self.unread_body or self.close_connection:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            self.sent = len(body)
+
+    def send_json(self, status, obj):
+        self.send_text(status, json.dumps(obj), content_type="application/json")
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (bad request line, 414, 431, ...), as plain text."""
+        self.close_connection = True
+        phrase = message or HTTPStatus(code).phrase
+        self.send_text(code, phrase)
+
+    def log_request(self, code="-", size="-"):
+        self.status = code    # the access line is written once the response is done
+
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def _log_access(self):
+        status = int(self.status)
+        self.server.metrics.count_request(status)
+        log_event(logging.INFO, "access", peer=self.client_address[0], method=self.command or "-",
+                  path=self.path.partition("?")[0] if self.command else "-", status=status,
+                  bytes=self.sent, duration="%.3fs" % (time.monotonic() - self.begun),
+                  alias=self.alias or "-")
+
+
+def os_reason(exc):
+    """'No such file or directory: /x' from an OSError, without the errno number."""
+    if exc.filename:
+        return "%s: %s" % (exc.strerror, exc.filename)
+    return exc.strerror or str(exc)
+
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+
+try:
+    _ThreadingHTTPServer = http.server.ThreadingHTTPServer
+except AttributeError:  # Python 3.6
+    class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+
+class RexecServer(_ThreadingHTTPServer):
+    """A thread per connection; processes tracked in a shared registry.
+
+    Built with the parsed command line (see main()); `inherited_fd` is a
+    listening socket handed over by systemd, used instead of binding.
+    """
+
+    daemon_threads = True          # idle keep-alive connections must not hold up exit
+    block_on_close = False         # shutdown() drains streams itself, with a bound
+    request_queue_size = LISTEN_BACKLOG   # the default 5 refuses a burst of connects
+
+    def __init__(self, options, inherited_fd=None):
+        self.token = options.token
+        self.no_auth = options.no_auth
+        self.allow = frozenset(options.allow) if options.allow else None
+        self.grace = options.grace
+        self.ssl_context = options.ssl_context
+        self.registry = Registry(options.max_procs)
+        self.metrics = Metrics()
+        self._streams = 0
+        self._streams_done = threading.Condition()
+        if ":" in options.ip:
+            self.address_family = socket.AF_INET6
+        if inherited_fd is None:
+            super().__init__((options.ip, options.port), RexecHandler)
+        else:
+            super().__init__((options.ip, options.port), RexecHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = socket.socket(fileno=inherited_fd)
+            self.server_address = self.socket.getsockname()
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks the host name up (getfqdn); rexec has no use for it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if is_peer_gone(exc) or isinstance(exc, (socket.timeout, ClientDisconnected)):
+            log.debug("connection from %s ended: %s", client_address[0], exc)
+        else:
+            log.error("error on the connection from %s", client_address[0], exc_info=True)
+
+    def stream_tracker(self):
+        """Context manager counting streams in progress, for a shutdown to wait on."""
+        server = self
+
+        class Tracker:
+            def __enter__(self):
+                with server._streams_done:
+                    server._streams += 1
+
+            def __exit__(self, *exc):
+                with server._streams_done:
+                    server._streams -= 1
+                    server._streams_done.notify_all()
+        return Tracker()
+
+    def end_all_streams(self):
+        """Refuse new processes, end every running group, and wait (bounded) for
+        each stream to write its trailers."""
+        for proc in self.registry.close():
+            proc.stop("shutdown")
+        with self._streams_done:
+            self._streams_done.wait_for(lambda: self._streams == 0, self.grace + 5.0)
+
+
+def inherited_socket_fd():
+    """The listening socket systemd passed (sd_listen_fds), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)   # not for the children
+    os.set_inheritable(SD_LISTEN_FDS_START, False)
+    return SD_LISTEN_FDS_START
+
+
+def raise_fd_limit():
+    """Each stream holds several descriptors; the usual soft limit of 1024 is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else max(soft, 65536), hard))
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument costs one line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: %s (see --help)\n" % (self.prog, message))
+
+
+def server_arguments():
+    parser = ArgumentParser(prog="rexec", description="Run processes for HTTP clients and "
+                            "stream their stdout.  Client: rexec.py run|ps|kill --help.")
+    parser.add_argument("-i", "--ip", default=DEFAULT_IP, help="address to bind (default %(default)s)")
+    parser.add_argument("-p", "--port", type=port_number, default=DEFAULT_PORT,
+                        help="port to bind, 0 for any (default %(default)s)")
+    parser.add_argument("-v", dest="verbosity", action="count", default=0,
+                        help="-v logs requests and details, -vv every chunk")
+    parser.add_argument("--grace", type=seconds, default=DEFAULT_GRACE,
+                        help="seconds between SIGTERM and SIGKILL (default %(default)s)")
+    parser.add_argument("--token-file", help="file whose first line is the bearer token "
+                        "(or set REXEC_TOKEN)")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="serve every peer without a token (dangerous beyond loopback)")
+    parser.add_argument("--certfile", help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--keyfile", help="PEM private key for --certfile")
+    parser.add_argument("--client-ca", help="PEM CA bundle: require client certificates it signed")
+    parser.add_argument("--allow", action="append", metavar="CMD",
+                        help="allow only this cmd, exactly as sent (repeatable)")
+    parser.add_argument("--max-procs", type=positive_int, default=DEFAULT_MAX_PROCS,
+                        help="processes running at once before 503 (default %(default)s)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--version", action="version", version="rexec " + __version__)
+    return parser
+
+
+def port_number(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
+def seconds(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(text)
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+class ConfigError(Exception):
+    """A setting rexec cannot start with; main() prints it as one line."""
+
+
+def load_token(options):
+    """The bearer token as bytes, from --token-file or REXEC_TOKEN; None if neither."""
+    if options.token_file:
+        try:
+            with open(options.token_file, encoding="utf-8") as handle:
+                token = handle.readline().strip()
+            mode = os.stat(options.token_file).st_mode
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("cannot read --token-file: %s" % exc)
+        if mode & 0o077:
+            log.warning("%s is readable by group or others; chmod 600 it", options.token_file)
+        source = "--token-file"
+    elif "REXEC_TOKEN" in os.environ:
+        token, source = os.environ["REXEC_TOKEN"].strip(), "REXEC_TOKEN"
+    else:
+        return None
+    if not token:
+        raise ConfigError("%s holds an empty token" % source)
+    if options.no_auth:
+        raise ConfigError("--no-auth and a token (%s) contradict each other" % source)
+    try:
+        return token.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError("the token must be ASCII or Latin-1 text")
+
+
+def load_ssl_context(options):
+    if not options.certfile:
+        if options.keyfile or options.client_ca:
+            raise ConfigError("--keyfile and --client-ca need --certfile")
+        return None
+    if ssl is None:
+        raise ConfigError("this Python has no ssl module")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.options |= getattr(ssl, "OP_NO_TLSv1", 0) | getattr(ssl, "OP_NO_TLSv1_1", 0)
+    try:
+        context.load_cert_chain(options.certfile, options.keyfile)
+        if options.client_ca:
+            context.load_verify_locations(options.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("cannot load the TLS files: %s" % exc)
+    return context
+
+
+def serve(argv):
+    """Run the server until SIGTERM or SIGINT; returns the exit status."""
+    options = server_arguments().parse_args(argv)
+    setup_logging(options.verbosity, options.log_format)
+    try:
+        options.token = load_token(options)
+        options.ssl_context = load_ssl_context(options)
+    except ConfigError as exc:
+        print("rexec: %s" % exc, file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    threading.stack_size(THREAD_STACK_SIZE)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server = RexecServer(options, inherited_socket_fd())
+    except (OSError, OverflowError) as exc:
+        print("rexec: cannot listen on %s port %s: %s"
+              % (options.ip, options.port, getattr(exc, "strerror", None) or exc), file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    scheme = "https" if options.ssl_context else "http"
+    log_event(logging.INFO, "Serving on %s port %d" % (host, port), url="%s://%s:%d/"
+              % (scheme, "[%s]" % host if ":" in host else host, port))
+    if options.no_auth and not is_loopback(host):
+        log.warning("--no-auth: anyone who can reach port %d may run any command", port)
+    elif options.token is None and not is_loopback(host):
+        log.info("protected mode: no token, so only loopback peers are served")
+    threading.Thread(target=server.serve_forever, name="rexec-accept", daemon=True).start()
+    while not stop.wait(3600):   # a plain wait() would not wake for signals on Python 3.6
+        pass
+    log.info("stopping: ending %d process(es)", len(server.registry))
+    server.shutdown()
+    server.end_all_streams()
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in ("run", "ps", "kill"):
+        return client_main(argv)
+    return serve(argv)
+
+
+def client_main(argv):
+    print("rexec: the client is not built yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
