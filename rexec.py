@@ -504,7 +504,7 @@ class Stream:
                 self._advance(time.monotonic())
         finally:
             sel.close()
-            self._end()
+            self.end()
         return self.proc.exit_code
 
     # -- what to wait for -------------------------------------------------
@@ -695,9 +695,11 @@ class Stream:
         # the pipe: after SIGKILL, stop once what is in it has gone out.
         return self.killed and self.writer.idle and fionread(self.proc.output_fd) == 0
 
-    def _end(self):
-        """Every way out: kill what is left of the group, reap, close."""
+    def end(self):
+        """Every way out: kill what is left of the group, reap, close.  Idempotent."""
         proc = self.proc
+        if proc.exit_code is not None:
+            return
         signal_group(proc.pid, signal.SIGKILL)
         proc.popen.wait()
         proc.exit_code = proc.popen.returncode
@@ -1052,6 +1054,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             self.connection.setblocking(False)
             stream.run()
         finally:
+            stream.end()   # run() ends it; this covers a failure before or inside run()
             self.sent = stream.sent
             self.server.registry.release(proc)   # before the last chunk: the alias is free
             proc.done.set()

@@ -37,12 +37,19 @@ SERVING = re.compile(r"Serving on (\S+) port (\d+)")
 class Server:
     """A rexec server in a child process, bound to a free loopback port."""
 
-    def __init__(self, *args, env=None, ip="127.0.0.1", pass_fds=()):
+    def __init__(self, *args, env=None, ip="127.0.0.1", pass_fds=(), prelude=None, argv=None):
+        """`prelude` is Python run inside the server process before main(), to
+        shorten a constant or break something on purpose; `argv` replaces the
+        whole command line."""
         full_env = dict(os.environ)
         full_env.pop("REXEC_TOKEN", None)
         full_env.update(env or {})
+        command = argv or [sys.executable, REXEC, "-i", ip, "-p", "0"] + list(args)
+        if prelude:
+            command = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import rexec; %s; "
+                       "sys.exit(rexec.main(sys.argv[1:]))" % (HERE, prelude)] + command[2:]
         self.proc = subprocess.Popen(
-            [sys.executable, REXEC, "-i", ip, "-p", "0"] + list(args),
+            command,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=full_env, pass_fds=pass_fds)
         self.lines = []
@@ -266,6 +273,451 @@ class StreamTests(ServerTestCase):
         self.assertEqual(response.headers["trailer"], "Rexec-Exit-Code, Rexec-Reason")
         body = response.raw.split(b"\r\n\r\n", 1)[1]
         self.assertEqual(body, b"5\r\nhello\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n")
+
+    def test_no_output_is_just_the_last_chunk(self):
+        response = run(self.server, {"alias": "a", "cmd": "true"})
+        self.assertEqual(response.raw.split(b"\r\n\r\n", 1)[1],
+                         b"0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n")
+
+    def test_binary_output_is_unchanged(self):
+        data = bytes(range(256)) * 300 + b"\r\n0\r\n\r\n\x00"
+        path = os.path.join(self.enterContext_tmp(), "blob")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        response = run(self.server, {"alias": "a", "cmd": "cat", "args": [path]})
+        self.assertEqual(response.body, data)
+        self.assertTrue(all(response.chunks), "an empty chunk before the end")
+
+    def enterContext_tmp(self):
+        directory = tempfile.mkdtemp(prefix="rexec-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
+    def test_output_is_delivered_live(self):
+        # The child waits for a file that the test creates only after it has
+        # received the first line: only live delivery lets this finish.
+        flag = os.path.join(self.enterContext_tmp(), "go")
+        script = "echo first; while [ ! -e %s ]; do sleep 0.01; done; echo second" % flag
+        seen = []
+
+        def on_chunk(data):
+            seen.append(data)
+            if b"first" in b"".join(seen):
+                open(flag, "w").close()
+        with Conn(self.server) as conn:
+            conn.send("POST", "/process", {"alias": "live", "cmd": "sh", "args": ["-c", script]})
+            response = conn.response(on_chunk=on_chunk)
+        self.assertEqual(response.body, b"first\nsecond\n")
+        self.assertEqual(response.trailers["Rexec-Exit-Code"], "0")
+
+    def test_exit_status_and_signals_in_the_trailer(self):
+        for script, code in (("exit 3", "3"), ("kill -KILL $$", "-9"), ("kill -TERM $$", "-15")):
+            response = run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", script]})
+            self.assertEqual(response.trailers, {"Rexec-Exit-Code": code, "Rexec-Reason": "exit"})
+
+    def test_args_cwd_and_envs(self):
+        directory = self.enterContext_tmp()
+        response = run(self.server, {"alias": "a", "cmd": "sh", "cwd": directory,
+                                     "args": ["-c", 'pwd; echo "$REXEC_X $HOME"'],
+                                     "envs": {"REXEC_X": "x y", "HOME": "/nowhere"}})
+        self.assertEqual(response.body.decode(), "%s\nx y /nowhere\n" % os.path.realpath(directory))
+
+    def test_default_cwd_is_the_servers(self):
+        response = run(self.server, {"alias": "a", "cmd": "pwd"})
+        self.assertEqual(response.body.decode().strip(), os.getcwd())
+
+    def test_stdin_is_dev_null(self):
+        response = run(self.server, {"alias": "a", "cmd": "readlink", "args": ["/proc/self/fd/0"]})
+        self.assertEqual(response.body, b"/dev/null\n")
+
+    def test_stderr_goes_to_the_servers_stderr(self):
+        response = run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", "echo to-stderr-1234 >&2"]})
+        self.assertEqual(response.body, b"")
+        self.server.wait_log("to-stderr-1234")
+
+    def test_http10_gets_raw_bytes_and_a_close(self):
+        with Conn(self.server) as conn:
+            response = conn.request("POST", "/process", {"alias": "a", "cmd": "printf", "args": ["a\\nb"]},
+                                    version="HTTP/1.0")
+            self.assertEqual(response.status, 200)
+            self.assertNotIn("transfer-encoding", response.headers)
+            self.assertEqual(response.headers["connection"], "close")
+            self.assertEqual(response.body, b"a\nb")
+            self.assertEqual(conn.sock.recv(1), b"")
+
+    def test_keep_alive_across_requests_and_errors(self):
+        with Conn(self.server) as conn:
+            self.assertEqual(conn.request("POST", "/process", {"alias": "a", "cmd": "echo", "args": ["1"]}).body, b"1\n")
+            self.assertEqual(conn.request("POST", "/process", b"{bad").status, 400)
+            self.assertEqual(conn.request("GET", "/nowhere").status, 501)
+            self.assertEqual(conn.request("POST", "/process", {"alias": "a", "cmd": "/nonexistent"}).status, 404)
+            self.assertEqual(conn.request("GET", "/process").json(), [])
+            self.assertEqual(conn.request("POST", "/process", {"alias": "a", "cmd": "echo", "args": ["2"]}).body, b"2\n")
+
+    def test_alias_is_free_when_the_last_chunk_arrives(self):
+        with Conn(self.server) as conn:
+            for i in range(30):
+                response = conn.request("POST", "/process", {"alias": "same", "cmd": "echo", "args": [str(i)]})
+                self.assertEqual((response.status, response.body), (200, b"%d\n" % i))
+
+    def test_du_example_from_the_original_readme_with_curl(self):
+        if not CURL:
+            self.skipTest("curl is not installed")
+        out = subprocess.check_output(
+            [CURL, "-sS", "%s/process" % self.server.url, "-H", "Content-Type: application/json",
+             "-X", "POST", "-d", '{"alias":"du", "cmd":"du", "args":["-h", "-c"] }'], cwd=HERE)
+        self.assertIn(b"total", out)
+
+    def test_curl_sees_the_trailers(self):
+        if not CURL:
+            self.skipTest("curl is not installed")
+        result = subprocess.run(
+            [CURL, "-sS", "-v", "--raw", "%s/process" % self.server.url, "-d",
+             '{"alias":"t", "cmd":"sh", "args":["-c", "echo hi; exit 7"]}'],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(result.returncode, 0)
+        self.assertIn(b"3\r\nhi\n\r\n0\r\nRexec-Exit-Code: 7\r\nRexec-Reason: exit\r\n", result.stdout)
+
+
+class RefusalTests(ServerTestCase):
+
+    def assertRefused(self, response, status, fragment):
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["content-type"], "text/plain; charset=utf-8")
+        self.assertEqual(int(response.headers["content-length"]), len(response.body))
+        text = response.body.decode("utf-8")
+        self.assertTrue(text.endswith("\n") and text.count("\n") == 1, text)
+        self.assertIn(fragment, text)
+
+    def test_bad_bodies_get_400_naming_the_problem(self):
+        cases = [
+            (b"not json", "not JSON"),
+            (b"\xff\xfe{}", "not UTF-8"),
+            (json.dumps({"alias": "a", "cmd": "echo"}).encode("utf-16"), "not UTF-8"),
+            (b"[1, 2]", "JSON object"),
+            (b'"text"', "JSON object"),
+            (b"[" * 100000 + b"]" * 100000, ""),
+            (b'{"cmd": "echo"}', "'alias' is required"),
+            (b'{"alias": "a"}', "'cmd' is required"),
+            (b'{"alias": "", "cmd": "echo"}', "'alias' must not be empty"),
+            (b'{"alias": "a", "cmd": ""}', "'cmd' must not be empty"),
+            (b'{"alias": 1, "cmd": "echo"}', "'alias' must be a string"),
+            (b'{"alias": "a", "cmd": ["echo"]}', "'cmd' must be a string"),
+            (b'{"alias": "a", "cmd": "echo", "args": "x"}', "'args' must be a list of strings"),
+            (b'{"alias": "a", "cmd": "echo", "args": [1]}', "'args' must be a list of strings"),
+            (b'{"alias": "a", "cmd": "echo", "cwd": 5}', "'cwd' must be a string"),
+            (b'{"alias": "a", "cmd": "echo", "envs": []}', "'envs' must be an object"),
+            (b'{"alias": "a", "cmd": "echo", "envs": {"A": 1}}', "'envs' must be an object"),
+            (b'{"alias": "a", "cmd": "echo", "envs": {"A=B": "1"}}', "invalid variable name"),
+            (b'{"alias": "a\\u0000", "cmd": "echo"}', "NUL"),
+            (b'{"alias": "a", "cmd": "ec\\u0000ho"}', "NUL"),
+            (b'{"alias": "a", "cmd": "echo", "args": ["\\u0000"]}', "NUL"),
+            (b'{"alias": "a", "cmd": "echo", "cwd": "/\\u0000"}', "NUL"),
+            (b'{"alias": "a", "cmd": "echo", "envs": {"A": "\\u0000"}}', "NUL"),
+            (b'{"alias": "a", "cmd": "echo", "args": ["\\ud800"]}', "not valid Unicode"),
+            (b'{"alias": "a", "cmd": "echo", "timout": 5}', "unknown field(s): 'timout'"),
+        ]
+        with Conn(self.server) as conn:
+            for body, fragment in cases:
+                with self.subTest(body=body[:60]):
+                    self.assertRefused(conn.request("POST", "/process", body), 400, fragment)
+        self.assertEqual(self.ps(), [])
+
+    def test_processes_that_cannot_start_get_404_with_the_reason(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        script = os.path.join(directory, "not-executable")
+        open(script, "w").close()
+        for spec, reason in (({"cmd": "no-such-command-xyz"}, "No such file or directory"),
+                             ({"cmd": script}, "Permission denied"),
+                             ({"cmd": "true", "cwd": "/no/such/dir"}, "No such file or directory"),
+                             ({"cmd": "true", "cwd": script}, "Not a directory")):
+            spec["alias"] = "a"
+            with self.subTest(spec=spec):
+                self.assertRefused(run(self.server, spec), 404, reason)
+        # The alias was given back each time.
+        self.assertEqual(run(self.server, {"alias": "a", "cmd": "true"}).status, 200)
+
+    def test_other_paths_and_methods_get_501(self):
+        with Conn(self.server) as conn:
+            for method, path in (("GET", "/"), ("POST", "/processes"), ("PUT", "/process"),
+                                 ("GET", "/process/x"), ("DELETE", "/process"), ("POST", "/metrics"),
+                                 ("PATCH", "/process"), ("OPTIONS", "/process")):
+                with self.subTest(method=method, path=path):
+                    self.assertRefused(conn.request(method, path), 501, "not supported")
+            conn.send("HEAD", "/")
+            self.assertEqual(conn.head()[0], 501)
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+
+    def test_413_without_reading_the_body(self):
+        with Conn(self.server) as conn:
+            # Only the head is sent: the answer must come without the body.
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                              % (rexec.MAX_BODY + 1))
+            response = conn.response()
+            self.assertRefused(response, 413, "larger than")
+            self.assertEqual(response.headers["connection"], "close")
+
+    def test_413_before_100_continue(self):
+        with Conn(self.server) as conn:
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                              b"Content-Length: %d\r\n\r\n" % (10 * rexec.MAX_BODY))
+            status, _, headers, _ = conn.head()
+            self.assertEqual(status, 413)
+
+    def test_100_continue_then_body(self):
+        with Conn(self.server) as conn:
+            body = json.dumps({"alias": "a", "cmd": "echo", "args": ["ok"]}).encode()
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                              b"Content-Length: %d\r\n\r\n" % len(body))
+            self.assertEqual(conn.head()[0], 100)
+            conn.sock.sendall(body)
+            self.assertEqual(conn.response().body, b"ok\n")
+
+    def test_curl_with_a_large_body_gets_413(self):
+        if not CURL:
+            self.skipTest("curl is not installed")
+        body = json.dumps({"alias": "a", "cmd": "echo", "args": ["x" * (2 * rexec.MAX_BODY)]})
+        result = subprocess.run([CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@-",
+                                 "%s/process" % self.server.url],
+                                input=body.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(result.stdout, b"413")
+
+    def test_length_required(self):
+        with Conn(self.server) as conn:
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertRefused(conn.response(), 411, "Content-Length")
+
+    def test_409_when_the_alias_runs(self):
+        barrier = threading.Barrier(8)
+        statuses = []
+
+        def post():
+            conn = Conn(self.server)
+            self.addCleanup(conn.close)
+            barrier.wait()
+            conn.send("POST", "/process", {"alias": "dup", "cmd": "sleep", "args": ["30"]})
+            statuses.append(conn.head()[0])
+        threads = [threading.Thread(target=post) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(sorted(statuses), [200] + [409] * 7)
+
+    def test_500_frees_the_alias_and_the_server_goes_on(self):
+        server = Server(prelude="rexec.Stream.run = lambda self: 1 / 0")
+        self.addCleanup(server.stop)
+        with Conn(server) as conn:
+            conn.send("POST", "/process", {"alias": "boom", "cmd": "sleep", "args": ["30"]})
+            status, _, headers, _ = conn.head()
+            self.assertEqual(status, 200)   # the stream had begun: the connection just ends
+            self.assertEqual(conn.file.read(), b"")
+        server.wait_log("ZeroDivisionError")
+        server.wait_log(r"end alias=boom .*exit=-9")
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/process").json(), [])
+        broken = Server(prelude="rexec.parse_spec = lambda body: 1 / 0")
+        self.addCleanup(broken.stop)
+        self.assertRefused(run(broken, {"alias": "a", "cmd": "true"}), 500, "internal error")
+        self.assertEqual(run(broken, {"alias": "a", "cmd": "true"}).status, 500)
+
+
+class LifetimeTests(ServerTestCase):
+    server_args = ("--grace", "0.5")
+
+    def start_stream(self, spec):
+        """POST spec and read the response head; returns the open connection."""
+        conn = Conn(self.server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", spec)
+        self.assertEqual(conn.head()[0], 200)
+        return conn
+
+    def pids_in_group(self, pgid):
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open("/proc/%s/stat" % entry) as handle:
+                        fields = handle.read().rsplit(")", 1)[1].split()
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    found.append(int(entry))
+        return found
+
+    def running_pid(self, alias):
+        found = []
+        self.assertTrue(wait_for(lambda: found.extend(p["pid"] for p in self.ps() if p["alias"] == alias)
+                                 or found))
+        return found[0]
+
+    def test_silent_child_dies_when_the_client_leaves(self):
+        conn = self.start_stream({"alias": "s", "cmd": "sleep", "args": ["300"]})
+        pid = self.running_pid("s")
+        conn.close()
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)), "sleep outlived its client")
+        self.server.wait_log(r"end alias=s .*reason=disconnect")
+        self.assertEqual(self.ps(), [])
+
+    def test_chatty_child_dies_when_the_client_leaves(self):
+        conn = self.start_stream({"alias": "y", "cmd": "yes"})
+        pid = self.running_pid("y")
+        conn.file.read(100000)
+        conn.close()
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)))
+
+    def test_the_whole_tree_dies(self):
+        conn = self.start_stream({"alias": "t", "cmd": "sh", "args": [
+            "-c", "sleep 300 & sh -c 'sleep 301 & wait' & echo started; wait"]})
+        pgid = self.running_pid("t")
+        self.assertTrue(wait_for(lambda: len(self.pids_in_group(pgid)) >= 4))
+        conn.close()
+        self.assertTrue(wait_for(lambda: not self.pids_in_group(pgid)), self.pids_in_group(pgid))
+
+    def test_term_ignoring_child_gets_killed_after_grace(self):
+        conn = self.start_stream({"alias": "i", "cmd": "sh", "args": ["-c", "trap '' TERM; sleep 300"]})
+        pgid = self.running_pid("i")
+        conn.close()
+        self.assertTrue(wait_for(lambda: not self.pids_in_group(pgid)))
+        self.server.wait_log(r"end alias=i .*exit=-9 reason=disconnect")
+
+    def test_background_leftovers_are_killed_and_not_waited_for(self):
+        # `sleep 300 &` keeps the pipe open; the response must still end.
+        response = run(self.server, {"alias": "bg", "cmd": "sh", "args": ["-c", "sleep 300 & echo $!"]})
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"})
+        self.assertFalse(pid_alive(int(response.body)))
+        # ...and so must one that does not hold the pipe.
+        response = run(self.server, {"alias": "bg", "cmd": "sh", "args": [
+            "-c", "sleep 300 >/dev/null 2>&1 & echo $!"]})
+        self.assertTrue(wait_for(lambda: not pid_alive(int(response.body))))
+
+    def test_remaining_output_is_sent_before_the_end(self):
+        response = run(self.server, {"alias": "r", "cmd": "sh", "args": [
+            "-c", "head -c 3000000 /dev/zero; (sleep 0.2; echo late) & exit 5"]})
+        self.assertEqual(len(response.body), 3000000)
+        self.assertEqual(response.trailers["Rexec-Exit-Code"], "5")
+
+    def test_slow_reader_slows_the_child_without_growing_memory(self):
+        def rss_kib():
+            with open("/proc/%d/status" % self.server.proc.pid) as handle:
+                return int(re.search(r"VmRSS:\s+(\d+)", handle.read()).group(1))
+        before = rss_kib()
+        size = 256 << 20   # far more than the pipe and the socket buffers hold
+        conn = self.start_stream({"alias": "big", "cmd": "head", "args": ["-c", str(size), "/dev/zero"]})
+        pid = self.running_pid("big")
+        # The client reads nothing: the child blocks on its full pipe, its
+        # written-bytes count stops moving, far short of the whole.
+        def wchar():
+            with open("/proc/%d/io" % pid) as handle:
+                return int(re.search(r"wchar: (\d+)", handle.read()).group(1))
+        samples = []
+        self.assertTrue(wait_for(lambda: samples.append(wchar()) or samples[-5:] == [samples[-1]] * 5,
+                                 timeout=20, interval=0.1))
+        self.assertLess(samples[-1], size // 4)
+        self.assertTrue(pid_alive(pid), "the child wrote it all to a client that reads nothing")
+        self.assertLess(rss_kib() - before, 16 * 1024)
+        received = 0
+        while True:
+            size_line = conn.file.readline()
+            n = int(size_line, 16)
+            if n == 0:
+                break
+            received += len(conn.file.read(n))
+            conn.file.read(2)
+        self.assertEqual(received, size)
+
+    def test_sigterm_ends_every_stream_with_its_trailer_and_exits_0(self):
+        conns = [self.start_stream({"alias": "s%d" % i, "cmd": "sleep", "args": ["300"]}) for i in range(3)]
+        stubborn = self.start_stream({"alias": "stubborn", "cmd": "sh", "args": ["-c", "trap '' TERM; echo x; sleep 300"]})
+        pids = [self.running_pid("s%d" % i) for i in range(3)] + [self.running_pid("stubborn")]
+        self.server.proc.send_signal(signal.SIGTERM)
+        for conn in conns:
+            body = conn.file.read()
+            self.assertTrue(body.endswith(b"0\r\nRexec-Exit-Code: -15\r\nRexec-Reason: shutdown\r\n\r\n"), body)
+        self.assertTrue(stubborn.file.read().endswith(b"Rexec-Exit-Code: -9\r\nRexec-Reason: shutdown\r\n\r\n"))
+        self.assertEqual(self.server.proc.wait(30), 0)
+        self.assertFalse(any(pid_alive(pid) for pid in pids))
+
+    def test_sigint_stops_it_too(self):
+        self.assertEqual(self.server.stop(signal.SIGINT), 0)
+        self.assertIn("stopped", self.server.log())
+
+    def test_nothing_leaks_after_many_requests(self):
+        pid = self.server.proc.pid
+
+        def counts():
+            with open("/proc/%d/status" % pid) as handle:
+                threads = int(re.search(r"Threads:\s+(\d+)", handle.read()).group(1))
+            return len(os.listdir("/proc/%d/fd" % pid)), threads
+        run(self.server, {"alias": "warm", "cmd": "true"})
+        before = counts()
+        specs = [{"cmd": "echo", "args": ["x"]}, {"cmd": "sh", "args": ["-c", "sleep 30 & exit 1"]},
+                 {"cmd": "no-such-command"}, {"cmd": "cat", "stdin": "abc"},
+                 {"cmd": "sh", "args": ["-c", "echo e >&2"], "stderr": "merge"},
+                 {"cmd": "tty", "tty": True}, {"cmd": "sleep", "args": ["5"], "timeout": 0.01}]
+        threads = []
+        for i in range(60):
+            spec = dict(specs[i % len(specs)], alias="n%d" % i)
+            threads.append(threading.Thread(target=run, args=(self.server, spec)))
+            threads[-1].start()
+        for i in range(10):   # and some that leave early
+            conn = self.start_stream({"alias": "gone%d" % i, "cmd": "sleep", "args": ["300"]})
+            conn.close()
+        for thread in threads:
+            thread.join()
+        self.assertTrue(wait_for(lambda: self.ps() == [] and counts() == before, timeout=15),
+                        "fds/threads before %s, after %s" % (before, counts()))
+        self.assertEqual([c for c in children_of(pid)], [])
+
+
+class CommandLineTests(unittest.TestCase):
+
+    def rexec(self, *args):
+        return subprocess.run([sys.executable, REXEC] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=30)
+
+    def test_port_in_use_exits_2_with_one_line(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            result = self.rexec("-i", "127.0.0.1", "-p", str(taken.getsockname()[1]))
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn(b"Address already in use", result.stderr)
+
+    def test_bad_arguments_exit_2_with_one_line(self):
+        for args in (["-p", "http"], ["-p", "70000"], ["--grace", "-1"], ["--bogus"], ["--max-procs", "0"],
+                     ["--log-format", "xml"], ["--token-file", "/no/such/file"], ["--keyfile", "k"]):
+            with self.subTest(args=args):
+                result = self.rexec(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_version_and_help(self):
+        self.assertEqual(self.rexec("--version").stdout.strip(), ("rexec " + rexec.__version__).encode())
+        self.assertIn(b"--grace", self.rexec("-h").stdout)
+
+    def test_logs_the_bound_address(self):
+        server = Server()
+        self.addCleanup(server.stop)
+        self.assertNotEqual(server.port, 0)
+        self.assertIn("Serving on 127.0.0.1 port %d" % server.port, server.log())
+
+
+class LoggingTests(ServerTestCase):
+    server_args = ("-vv",)
+
+    def test_start_and_end_lines_without_env_values(self):
+        run(self.server, {"alias": "lg", "cmd": "sh", "args": ["-c", "printf abc; exit 2"],
+                          "envs": {"SECRET_KEY": "QWE_YUI_345_GHJ_789"}})
+        self.server.wait_log(r"INFO start alias=lg pid=\d+ cmd=sh")
+        self.server.wait_log(r"INFO end alias=lg pid=\d+ cmd=sh exit=2 reason=exit duration=[\d.]+s bytes=3")
+        self.server.wait_log(r"DEBUG request alias=lg .*env_names=\['SECRET_KEY'\]")
+        self.server.wait_log(r"TRACE chunk alias=lg bytes=3")
+        self.assertNotIn("QWE_YUI_345_GHJ_789", self.server.log())
 
 
 if __name__ == "__main__":
