@@ -171,6 +171,11 @@ class Conn:
         while status == 100:
             status, reason, headers, more = self.head()
             raw += more
+        return self.rest(status, reason, headers, raw, on_chunk)
+
+    def rest(self, status=200, reason="OK", headers=None, raw=b"", on_chunk=None):
+        """Read the body after a head (by default, of a chunked 200)."""
+        headers = {"transfer-encoding": "chunked"} if headers is None else headers
         chunks, trailers = [], {}
         if headers.get("transfer-encoding") == "chunked":
             while True:
@@ -718,6 +723,290 @@ class LoggingTests(ServerTestCase):
         self.server.wait_log(r"DEBUG request alias=lg .*env_names=\['SECRET_KEY'\]")
         self.server.wait_log(r"TRACE chunk alias=lg bytes=3")
         self.assertNotIn("QWE_YUI_345_GHJ_789", self.server.log())
+
+
+# --------------------------------------------------------------------------
+# Issue 4: timeout, stdin, stderr, tty, list and kill
+# --------------------------------------------------------------------------
+
+class ControlTests(LifetimeTests.__base__):
+    server_args = ("--grace", "0.5")
+
+    start_stream = LifetimeTests.start_stream
+    running_pid = LifetimeTests.running_pid
+
+    def test_timeout_ends_the_group(self):
+        response = run(self.server, {"alias": "t", "cmd": "sh", "args": ["-c", "echo a; sleep 300"], "timeout": 0.3})
+        self.assertEqual(response.body, b"a\n")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "timeout"})
+
+    def test_timeout_on_a_child_that_ignores_sigterm(self):
+        response = run(self.server, {"alias": "t", "cmd": "sh", "args": ["-c", "trap '' TERM; sleep 300"],
+                                     "timeout": 0.2})
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-9", "Rexec-Reason": "timeout"})
+
+    def test_a_child_that_ends_in_time_is_not_a_timeout(self):
+        response = run(self.server, {"alias": "t", "cmd": "true", "timeout": 60})
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"})
+
+    def test_bad_values_get_400(self):
+        for extra in ({"timeout": 0}, {"timeout": -1}, {"timeout": "5"}, {"timeout": True},
+                      {"timeout": None}, {"stdin": 5}, {"stderr": "stdout"}, {"stderr": None},
+                      {"tty": "yes"}, {"tty": 1}):
+            with self.subTest(extra=extra):
+                spec = dict({"alias": "a", "cmd": "true"}, **extra)
+                response = run(self.server, spec)
+                if extra == {"timeout": None}:   # null is "no timeout"
+                    self.assertEqual(response.status, 200)
+                    continue
+                self.assertEqual(response.status, 400)
+                self.assertIn(list(extra)[0], response.body.decode())
+        with Conn(self.server) as conn:
+            for literal in (b"NaN", b"Infinity", b"1e999"):
+                body = b'{"alias": "a", "cmd": "true", "timeout": %s}' % literal
+                self.assertEqual(conn.request("POST", "/process", body).status, 400, literal)
+
+    def test_stdin_is_fed_and_closed(self):
+        response = run(self.server, {"alias": "a", "cmd": "cat", "stdin": "h\u00e9llo\nworld"})
+        self.assertEqual(response.body, "h\u00e9llo\nworld".encode("utf-8"))
+        response = run(self.server, {"alias": "a", "cmd": "wc", "args": ["-c"], "stdin": ""})
+        self.assertEqual(response.body.strip(), b"0")
+
+    def test_large_stdin_through_cat_does_not_deadlock(self):
+        text = "".join(chr(32 + i % 90) for i in range(800 * 1000))
+        response = run(self.server, {"alias": "a", "cmd": "cat", "stdin": text})
+        self.assertEqual(response.body, text.encode())
+
+    def test_stdin_and_a_large_output(self):
+        # The child writes 4 MiB before it reads a byte of its stdin.
+        response = run(self.server, {"alias": "a", "cmd": "sh", "stdin": "x" * 500000,
+                                     "args": ["-c", "head -c 4194304 /dev/zero; wc -c"]})
+        self.assertEqual(len(response.body), 4194304 + len("500000\n"))
+        self.assertTrue(response.body.endswith(b"500000\n"))
+
+    def test_stdin_a_child_does_not_read(self):
+        response = run(self.server, {"alias": "a", "cmd": "true", "stdin": "x" * 500000})
+        self.assertEqual(response.trailers["Rexec-Exit-Code"], "0")
+
+    def test_stderr_modes(self):
+        script = "echo 1; echo 2 >&2; echo 3; echo 4 >&2"
+        merged = run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", script], "stderr": "merge"})
+        self.assertEqual(merged.body, b"1\n2\n3\n4\n")
+        discard = run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", "echo out; echo gone-4711 >&2"],
+                                    "stderr": "discard"})
+        self.assertEqual(discard.body, b"out\n")
+        run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", "echo kept-4712 >&2"], "stderr": "inherit"})
+        self.server.wait_log("kept-4712")
+        self.assertNotIn("gone-4711", self.server.log())
+
+    def test_tty(self):
+        code = "import sys; print(sys.stdin.isatty(), sys.stdout.isatty(), sys.stderr.isatty())"
+        response = run(self.server, {"alias": "a", "cmd": sys.executable, "args": ["-c", code], "tty": True})
+        self.assertEqual(response.body, b"False True True\n")   # no "\r\n": the stream stays byte-exact
+        response = run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", "echo o; echo e >&2"],
+                                     "tty": True})
+        self.assertEqual(response.body, b"o\ne\n")
+
+    def test_tty_streams_a_line_buffered_program_live(self):
+        flag = os.path.join(tempfile.mkdtemp(), "go")
+        self.addCleanup(shutil.rmtree, os.path.dirname(flag))
+        code = ("import os, time\nprint('first')\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
+                "print('second')" % flag)
+        seen = []
+
+        def on_chunk(data):
+            seen.append(data)
+            if b"first" in b"".join(seen):
+                open(flag, "w").close()
+        with Conn(self.server) as conn:
+            conn.send("POST", "/process", {"alias": "a", "cmd": sys.executable, "args": ["-c", code], "tty": True})
+            self.assertEqual(conn.response(on_chunk=on_chunk).body, b"first\nsecond\n")
+
+    def test_tty_with_background_leftover_and_stdin(self):
+        response = run(self.server, {"alias": "a", "cmd": "sh", "tty": True, "stdin": "in\n",
+                                     "args": ["-c", "sleep 300 & read x; echo got $x"]})
+        self.assertEqual(response.body, b"got in\n")
+        self.assertEqual(response.trailers["Rexec-Reason"], "exit")
+
+    def test_list(self):
+        self.start_stream({"alias": "one", "cmd": "sleep", "args": ["300"], "cwd": "/"})
+        self.start_stream({"alias": "two", "cmd": "sh", "args": ["-c", "sleep 300"], "timeout": 100})
+        pid = self.running_pid("two")
+        listing = self.ps()
+        self.assertEqual([p["alias"] for p in listing], ["one", "two"])
+        one, two = listing
+        self.assertEqual((one["cmd"], one["args"], one["cwd"]), ("sleep", ["300"], "/"))
+        self.assertEqual((two["pid"], two["timeout"]), (pid, 100))
+        self.assertLess(abs(one["started"] - time.time()), 60)
+        with Conn(self.server) as conn:
+            response = conn.request("GET", "/process")
+        self.assertEqual(response.headers["content-type"], "application/json")
+
+    def test_delete_kills_a_silent_child(self):
+        conn = self.start_stream({"alias": "a b/c%", "cmd": "sleep", "args": ["300"]})
+        pid = self.running_pid("a b/c%")
+        with Conn(self.server) as other:
+            response = other.request("DELETE", "/process/a%20b%2Fc%25")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.json(), {"alias": "a b/c%", "exit_code": -15})
+        self.assertFalse(pid_alive(pid))
+        rest = conn.rest().raw
+        self.assertTrue(rest.endswith(b"0\r\nRexec-Exit-Code: -15\r\nRexec-Reason: killed\r\n\r\n"), rest)
+
+    def test_delete_a_term_ignoring_child(self):
+        self.start_stream({"alias": "k", "cmd": "sh", "args": ["-c", "trap '' TERM; sleep 300"]})
+        self.running_pid("k")
+        with Conn(self.server) as other:
+            self.assertEqual(other.request("DELETE", "/process/k").json(), {"alias": "k", "exit_code": -9})
+
+    def test_delete_unknown_alias_is_404(self):
+        with Conn(self.server) as conn:
+            response = conn.request("DELETE", "/process/nope")
+            self.assertEqual(response.status, 404)
+            self.assertIn("nope", response.body.decode())
+            self.assertEqual(conn.request("DELETE", "/process/%FF").status, 400)
+
+    def test_list_and_delete_race_with_the_processes_own_exit(self):
+        errors = []
+
+        def hammer(i):
+            try:
+                with Conn(self.server) as conn:
+                    for _ in range(15):
+                        status = conn.request("DELETE", "/process/r%d" % i).status
+                        if status not in (200, 404):
+                            errors.append(status)
+                        conn.request("GET", "/process").json()
+            except Exception as exc:   # noqa: B902 -- any failure is the test's finding
+                errors.append(exc)
+
+        def runner(i):
+            for _ in range(15):
+                response = run(self.server, {"alias": "r%d" % i, "cmd": "sleep", "args": ["0.01"]})
+                if response.trailers.get("Rexec-Reason") not in ("exit", "killed"):
+                    errors.append(response.trailers)
+        threads = [threading.Thread(target=f, args=(i,)) for i in range(4) for f in (hammer, runner)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(self.ps(), [])
+        self.assertEqual(run(self.server, {"alias": "r0", "cmd": "true"}).status, 200)
+
+    def test_original_fields_alone_behave_as_before(self):
+        response = run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", "echo out; echo err >&2"]})
+        self.assertEqual(response.body, b"out\n")
+        self.server.wait_log("err")
+
+
+# --------------------------------------------------------------------------
+# Issue 7: socket activation, metrics, access log, health
+# --------------------------------------------------------------------------
+
+class OperatingTests(ServerTestCase):
+
+    def metrics(self):
+        with Conn(self.server) as conn:
+            response = conn.request("GET", "/metrics")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples = {}
+        families = set()
+        for line in response.body.decode().splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ")
+                self.assertIn(kind, ("counter", "gauge"))
+                families.add(name)
+            elif line.startswith("# HELP "):
+                continue
+            else:
+                match = re.match(r'^([a-z_]+)(\{[a-z]+="[^"]*"\})? (\S+)$', line)
+                self.assertIsNotNone(match, line)
+                self.assertIn(match.group(1), families)
+                samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+        return samples
+
+    def test_metrics_move(self):
+        before = self.metrics()
+        run(self.server, {"alias": "a", "cmd": "printf", "args": ["12345"]})
+        run(self.server, {"alias": "a", "cmd": "no-such-command"})
+        run(self.server, {"alias": "a", "cmd": "sleep", "args": ["10"], "timeout": 0.05})
+        conn = Conn(self.server)
+        conn.send("POST", "/process", {"alias": "gone", "cmd": "sleep", "args": ["300"]})
+        conn.head()
+        self.assertEqual(self.metrics()["rexec_processes_running"], 1)
+        conn.close()
+        self.assertTrue(wait_for(lambda: self.metrics()["rexec_processes_running"] == 0))
+        after = self.metrics()
+
+        def delta(name):
+            return after[name] - before.get(name, 0)
+        self.assertEqual(delta("rexec_processes_started_total"), 3)
+        self.assertEqual(delta('rexec_process_exits_total{reason="exit"}'), 1)
+        self.assertEqual(delta('rexec_process_exits_total{reason="timeout"}'), 1)
+        self.assertEqual(delta('rexec_process_exits_total{reason="disconnect"}'), 1)
+        self.assertEqual(delta("rexec_spawn_failures_total"), 1)
+        self.assertEqual(delta("rexec_stream_bytes_total"), 5)
+        self.assertGreaterEqual(delta('rexec_requests_total{code="200"}'), 3)
+        self.assertEqual(delta('rexec_requests_total{code="404"}'), 1)
+        self.assertGreater(after["rexec_uptime_seconds"], 0)
+
+    def test_access_log_one_line_per_request(self):
+        run(self.server, {"alias": "acc", "cmd": "printf", "args": ["abc"], "stdin": "secret-stdin-1",
+                          "envs": {"X": "secret-env-1"}})
+        with Conn(self.server) as conn:
+            conn.request("GET", "/nowhere?token=secret-query-1")
+        self.server.wait_log(r"INFO access peer=127\.0\.0\.1 method=POST path=/process status=200 bytes=3 "
+                             r"duration=[\d.]+s alias=acc")
+        self.server.wait_log(r"INFO access peer=127\.0\.0\.1 method=GET path=/nowhere status=501 ")
+        for secret in ("secret-stdin-1", "secret-env-1", "secret-query-1"):
+            self.assertNotIn(secret, self.server.log())
+
+    def test_health_needs_no_token(self):
+        server = Server(env={"REXEC_TOKEN": "t0ken"})
+        self.addCleanup(server.stop)
+        with Conn(server) as conn:
+            response = conn.request("GET", "/health")
+            self.assertEqual((response.status, response.body), (200, b"ok\n"))
+            self.assertEqual(conn.request("GET", "/metrics").status, 401)
+            self.assertEqual(conn.request("GET", "/metrics", headers={"Authorization": "Bearer t0ken"}).status, 200)
+
+    def test_json_log_format(self):
+        server = Server("--log-format", "json", "-v")
+        self.addCleanup(server.stop)
+        run(server, {"alias": "j", "cmd": "sh", "args": ["-c", "exit 4"]})
+        server.wait_log('"event": "access"')
+        server.stop()
+        records = [json.loads(line) for line in server.log().splitlines()]
+        events = [r.get("event") for r in records]
+        self.assertIn("start", events)
+        end = [r for r in records if r.get("event") == "end"][0]
+        self.assertEqual((end["alias"], end["exit"], end["reason"]), ("j", 4, "exit"))
+        access = [r for r in records if r.get("event") == "access"][0]
+        self.assertEqual((access["method"], access["status"], access["alias"]), ("POST", 200, "j"))
+
+    def test_socket_activation(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        # systemd sets LISTEN_PID to the service's own pid: `exec` keeps the shell's.
+        script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$1" -p 1 3<&%d' % fd
+        server = Server(argv=["sh", "-c", script, sys.executable, REXEC], pass_fds=(fd,))
+        self.addCleanup(server.stop)
+        self.assertEqual(server.port, port)
+        listener.close()
+        response = run(server, {"alias": "sa", "cmd": "sh", "args": ["-c", 'echo "${LISTEN_FDS:-unset}"']})
+        self.assertEqual(response.body, b"unset\n")   # not passed on to children
+        self.assertEqual(server.stop(), 0)
+
+    def test_socket_activation_ignores_another_pid(self):
+        server = Server(env={"LISTEN_PID": "1", "LISTEN_FDS": "1"})
+        self.addCleanup(server.stop)
+        self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 200)
 
 
 if __name__ == "__main__":
