@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import pty
+import re
 import resource
 import selectors
 import signal
@@ -80,6 +81,8 @@ PEER_GONE_ERRNOS = frozenset({
 })
 REASONS = ("exit", "timeout", "killed", "shutdown", "disconnect")
 STDERR_MODES = {"inherit": None, "merge": subprocess.STDOUT, "discard": subprocess.DEVNULL}
+MAX_NESTING = 32             # JSON depth; deeper input could overflow a small thread stack
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 CAN_SPLICE = hasattr(os, "splice")
@@ -275,6 +278,22 @@ def _check_os_string(value, what):
         raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text" % what)
 
 
+def json_depth(body):
+    """How deeply arrays and objects nest in `body` (a guess for invalid JSON).
+
+    json.loads recurses in C for each level; on a 512 KiB thread stack some
+    Pythons (3.13) crash before their recursion limit, so depth is measured first.
+    """
+    skeleton = JSON_STRING.sub(b"", body)
+    if skeleton.count(b"[") + skeleton.count(b"{") <= MAX_NESTING:
+        return 0
+    depth = deepest = 0
+    for bracket in re.findall(rb"[][{}]", skeleton):
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_spec(body):
     """Turn a request body into a ProcessSpec, or raise Refused(400) naming the problem.
 
@@ -286,6 +305,8 @@ def parse_spec(body):
     such as "timout" cannot silently run a command without its limit.
     """
     bad = HTTPStatus.BAD_REQUEST
+    if json_depth(body) > MAX_NESTING:
+        raise Refused(bad, "the body is nested too deeply")
     try:
         obj = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
