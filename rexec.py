@@ -908,6 +908,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     server_version = "rexec/" + __version__
     protocol_version = "HTTP/1.1"   # keep-alive, and chunked responses with trailers
     timeout = REQUEST_TIMEOUT       # socket timeout; DeadlineReader bounds a whole request
+    unread_body = False             # a refusal left body bytes unread: linger, then close
 
     def setup(self):
         context = self.server.ssl_context
@@ -923,16 +924,30 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     def finish(self):
         try:
             super().finish()
+            if self.unread_body:
+                self._discard_unread_body()
         finally:
             if self.server.ssl_context is not None:
                 self.connection.close()
 
+    def _discard_unread_body(self):
+        """Closing with unread bytes makes the kernel reset the connection, which
+        can destroy the refusal before the client reads it: half-close, then
+        discard what arrives for a moment (a lingering close, as Apache does)."""
+        deadline = time.monotonic() + LINGER_TIME
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.shutdown(socket.SHUT_WR)
+            while time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                if not self.connection.recv(READ_SIZE):
+                    break
+
     def handle_one_request(self):
         self.reader.deadline = time.monotonic() + REQUEST_TIMEOUT
         self.status = None
+        self.unread_body = False
         self.sent = 0
         self.alias = None
-        self.unread_body = False
         self.begun = time.monotonic()
         self.command = self.requestline = ""
         super().handle_one_request()

@@ -463,6 +463,14 @@ class RefusalTests(ServerTestCase):
             self.assertRefused(response, 413, "larger than")
             self.assertEqual(response.headers["connection"], "close")
 
+    def test_413_reaches_a_client_that_sent_the_whole_body(self):
+        # The refusal must not be lost to a connection reset caused by the unread body.
+        with Conn(self.server) as conn:
+            body = b"x" * (3 * rexec.MAX_BODY)
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                              % len(body) + body)
+            self.assertRefused(conn.response(), 413, "larger than")
+
     def test_413_before_100_continue(self):
         with Conn(self.server) as conn:
             conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
