@@ -505,7 +505,7 @@ class Stream:
         self.term_at = None          # monotonic time the group got SIGTERM
         self.killed = False          # SIGKILL sent
         self.sent = 0                # output bytes framed for the client
-        self.stdin = proc.spec.stdin
+        self.stdin = memoryview(proc.spec.stdin or b"")  # what is still to be fed
         self.stdin_fd = proc.popen.stdin.fileno() if proc.popen.stdin else None
         self._registered = {}
         self._exit_fd = None
