@@ -1410,9 +1410,13 @@ def serve(argv):
         return 2
     raise_fd_limit()
     threading.stack_size(THREAD_STACK_SIZE)
-    stop = threading.Event()
+    # The handler only writes a byte: setting a threading.Event from a signal
+    # handler deadlocks if the signal lands while the main thread holds the
+    # Event's own lock.
+    stop_r, stop_w = os.pipe()
+    os.set_blocking(stop_w, False)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda *_: _write_quietly(stop_w, b"."))
     try:
         server = RexecServer(options, inherited_socket_fd())
     except (OSError, OverflowError) as exc:
@@ -1428,14 +1432,20 @@ def serve(argv):
     elif options.token is None and not is_loopback(host):
         log.info("protected mode: no token, so only loopback peers are served")
     threading.Thread(target=server.serve_forever, name="rexec-accept", daemon=True).start()
-    while not stop.wait(3600):   # a plain wait() would not wake for signals on Python 3.6
-        pass
+    os.read(stop_r, 1)
     log.info("stopping: ending %d process(es)", len(server.registry))
     server.shutdown()
     server.end_all_streams()
     server.server_close()
     log.info("stopped")
     return 0
+
+
+def _write_quietly(fd, data):
+    try:
+        os.write(fd, data)
+    except BlockingIOError:   # a flood of signals: one byte is enough
+        pass
 
 
 def main(argv=None):
