@@ -1063,15 +1063,15 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         server.registry.claim(proc)
         try:
             proc.start()
-        except OSError as exc:
+        except BaseException as exc:
             server.registry.release(proc)
+            proc.done.set()   # a DELETE that came between claim and start waits on this
+            if not isinstance(exc, OSError):
+                raise
             server.metrics.count(spawn_failures=1)
             log_event(logging.INFO, "spawn-failed", alias=spec.alias, cmd=spec.cmd,
                       error=exc.strerror or str(exc))
             raise Refused(HTTPStatus.NOT_FOUND, "cannot start %r: %s" % (spec.cmd, os_reason(exc)))
-        except BaseException:
-            server.registry.release(proc)
-            raise
         server.metrics.count(started=1)
         log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd)
         with server.stream_tracker():
@@ -1120,7 +1120,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def list_processes(self):
         """GET /process: the running processes, oldest first."""
-        self.send_json(HTTPStatus.OK, [p.describe() for p in self.server.registry.snapshot()])
+        procs = self.server.registry.snapshot()
+        self.send_json(HTTPStatus.OK, [p.describe() for p in procs if p.pid is not None])
 
     def kill_process(self):
         """DELETE /process/ALIAS: end it as a timeout would, answer once it is reaped."""
@@ -1135,6 +1136,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.NOT_FOUND, "no process with alias %r is running" % alias)
         proc.stop("killed")
         proc.done.wait()
+        if proc.exit_code is None:
+            raise Refused(HTTPStatus.NOT_FOUND, "process with alias %r did not start" % alias)
         self.send_json(HTTPStatus.OK, {"alias": alias, "exit_code": proc.exit_code})
 
     def serve_metrics(self):

@@ -903,6 +903,26 @@ class ControlTests(LifetimeTests.__base__):
         self.assertEqual(self.ps(), [])
         self.assertEqual(run(self.server, {"alias": "r0", "cmd": "true"}).status, 200)
 
+    def test_delete_and_list_while_a_spawn_is_failing(self):
+        # Between claiming the alias and failing to start, the process is
+        # neither listed nor waited for by a DELETE.
+        server = Server("-v", prelude="import time\n"
+                        "def start(self):\n"
+                        "    time.sleep(1)\n"
+                        "    raise FileNotFoundError(2, 'No such file or directory')\n"
+                        "rexec.Process.start = start")
+        self.addCleanup(server.stop)
+        results = []
+        post = threading.Thread(target=lambda: results.append(
+            run(server, {"alias": "slow", "cmd": "whatever"}).status))
+        post.start()
+        server.wait_log(r"request alias=slow")
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/process").json(), [])
+            self.assertEqual(conn.request("DELETE", "/process/slow").status, 404)
+        post.join()
+        self.assertEqual(results, [404])
+
     def test_original_fields_alone_behave_as_before(self):
         response = run(self.server, {"alias": "a", "cmd": "sh", "args": ["-c", "echo out; echo err >&2"]})
         self.assertEqual(response.body, b"out\n")
