@@ -141,7 +141,7 @@ class Conn:
     def send(self, method, path, body=None, headers=None, version="HTTP/1.1"):
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode("utf-8")
-        lines = ["%s %s %s" % (method, path, version), "Host: test"]
+        lines = ["%s %s %s" % (method, path, version), "Host: 127.0.0.1"]
         for name, value in (headers or {}).items():
             lines.append("%s: %s" % (name, value))
         if body is not None and not any(k.lower() == "content-length" for k in (headers or {})):
@@ -457,7 +457,7 @@ class RefusalTests(ServerTestCase):
     def test_413_without_reading_the_body(self):
         with Conn(self.server) as conn:
             # Only the head is sent: the answer must come without the body.
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                               % (rexec.MAX_BODY + 1))
             response = conn.response()
             self.assertRefused(response, 413, "larger than")
@@ -467,13 +467,13 @@ class RefusalTests(ServerTestCase):
         # The refusal must not be lost to a connection reset caused by the unread body.
         with Conn(self.server) as conn:
             body = b"x" * (3 * rexec.MAX_BODY)
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                               % len(body) + body)
             self.assertRefused(conn.response(), 413, "larger than")
 
     def test_413_before_100_continue(self):
         with Conn(self.server) as conn:
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
                               b"Content-Length: %d\r\n\r\n" % (10 * rexec.MAX_BODY))
             status, _, headers, _ = conn.head()
             self.assertEqual(status, 413)
@@ -481,7 +481,7 @@ class RefusalTests(ServerTestCase):
     def test_100_continue_then_body(self):
         with Conn(self.server) as conn:
             body = json.dumps({"alias": "a", "cmd": "echo", "args": ["ok"]}).encode()
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
                               b"Content-Length: %d\r\n\r\n" % len(body))
             self.assertEqual(conn.head()[0], 100)
             conn.sock.sendall(body)
@@ -498,7 +498,7 @@ class RefusalTests(ServerTestCase):
 
     def test_length_required(self):
         with Conn(self.server) as conn:
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\n\r\n")
             self.assertRefused(conn.response(), 411, "Content-Length")
 
     def test_409_when_the_alias_runs(self):
