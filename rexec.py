@@ -1233,6 +1233,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, 414, 431, ...), as plain text."""
         self.close_connection = True
+        self.unread_body = True   # the rest of an over-long line, say: close lingering
         phrase = message or HTTPStatus(code).phrase
         self.send_text(code, phrase)
 

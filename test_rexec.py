@@ -7,13 +7,16 @@ Every server runs in a child process of its own (so signals, descriptors and
 process groups are as in production) and logs to a pipe that the test reads.
 """
 
+import contextlib
 import json
 import os
+import random
 import re
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1015,6 +1018,308 @@ class OperatingTests(ServerTestCase):
         server = Server(env={"LISTEN_PID": "1", "LISTEN_FDS": "1"})
         self.addCleanup(server.stop)
         self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 200)
+
+
+# --------------------------------------------------------------------------
+# Issue 3: security
+# --------------------------------------------------------------------------
+
+def raw_exchange(server, data, timeout=20):
+    """Send raw bytes, half-close, and return everything the server sends back
+    until it closes (b"" when it closed without a word or reset)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        return received
+
+
+class SecurityTests(ServerTestCase):
+
+    def assertRefusal(self, raw, status, message, close=False):
+        """`raw` is one whole response: `status`, a one-line `message`, byte-exact."""
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), raw)
+        self.assertEqual(body, message.encode() + b"\n")
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % len(body), head + b"\r\n")
+        if close:
+            self.assertIn(b"\r\nConnection: close", head)
+
+    def test_origin_header_is_refused(self):
+        spec = {"alias": "o", "cmd": "true"}
+        for method, path, body in (("POST", "/process", spec), ("GET", "/process", None),
+                                   ("GET", "/metrics", None), ("DELETE", "/process/o", None)):
+            with Conn(self.server) as conn:   # a refused POST body closes the connection
+                response = conn.request(method, path, body, headers={"Origin": "https://evil.example"})
+                self.assertEqual((response.status, response.body), (403, b"requests from web pages "
+                                 b"(with an Origin header) are refused\n"))
+        with Conn(self.server) as conn:
+            self.assertEqual(conn.request("GET", "/health", headers={"Origin": "null"}).status, 200)
+        self.assertNotIn("start alias=o", self.server.log())
+
+    def test_host_must_be_an_address_or_localhost_without_a_token(self):
+        message = b"without a token, the Host header must be an IP address or localhost\n"
+        for host in ("evil.example", "evil.example:8910", "127.0.0.1.nip.io", "localhost.evil", "[::1",
+                     "127.0.0.1:80:80", ""):
+            raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            with self.subTest(host=host):
+                self.assertRefusal(raw, 403, message.decode().strip())
+        for host in ("127.0.0.1", "127.0.0.1:%d" % self.server.port, "localhost", "LOCALHOST:1",
+                     "[::1]:8910", "[::1]", "10.1.2.3"):
+            raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            with self.subTest(host=host):
+                self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+        # HTTP/1.0 clients may leave Host out; with a token any Host will do.
+        self.assertTrue(raw_exchange(self.server, b"GET /process HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 "))
+        server = Server(env={"REXEC_TOKEN": "tok"})
+        self.addCleanup(server.stop)
+        raw = raw_exchange(server, b"GET /process HTTP/1.1\r\nHost: evil.example\r\n"
+                                   b"Authorization: Bearer tok\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+
+    def test_content_length_must_be_one_ascii_number(self):
+        message = "Content-Length must be one decimal number"
+        cases = [[b"+5"], [b"-1"], [b"1_0"], [b"0x5"], [b"1e3"], [b"5 5"], [b"5,5"], [b""],
+                 ["\u0665".encode("utf-8")], [b"\xb2"], [b"9" * 17], [b"5", b"5"], [b"5", b"6"]]
+        for method in (b"POST", b"GET", b"DELETE"):
+            for values in cases:
+                head = b"%s /process HTTP/1.1\r\nHost: localhost\r\n" % method
+                head += b"".join(b"Content-Length: %s\r\n" % v for v in values)
+                with self.subTest(method=method, values=values):
+                    self.assertRefusal(raw_exchange(self.server, head + b"\r\n{}"), 400, message, close=True)
+        self.assertEqual(self.ps(), [])
+        # Whitespace around the number is allowed (it is not part of the value).
+        body = json.dumps({"alias": "a", "cmd": "printf", "args": ["ok"]}).encode()
+        with Conn(self.server) as conn:
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Content-Length: \t%d \r\n\r\n" % len(body) + body)
+            self.assertEqual(conn.response().body, b"ok")
+
+    def test_http09_and_unparsable_request_lines_get_a_status_line(self):
+        self.assertRefusal(raw_exchange(self.server, b"GET /health\r\n"), 400,
+                           "HTTP/0.9 requests are not served", close=True)
+        self.assertRefusal(raw_exchange(self.server, b"GARBAGE\r\n\r\n"), 400,
+                           "Bad request syntax ('GARBAGE')", close=True)
+        raw = raw_exchange(self.server, b"GET /health HTTP/2.0\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 505 "), raw)
+
+    def test_header_defects_get_400(self):
+        for head in (b"GET /process HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n",
+                     b"GET /process HTTP/1.1\r\n continued: x\r\n\r\n",
+                     b"GET /process HTTP/1.1\r\nContent-Length : 5\r\n\r\n"):
+            with self.subTest(head=head):
+                self.assertRefusal(raw_exchange(self.server, head), 400, "malformed header line", close=True)
+
+    def test_header_count_and_line_limits(self):
+        # the standard library's own: http.client._MAXHEADERS and _MAXLINE
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\n" + many + b"\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 431 "), raw[:200])
+        raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nX: " + b"y" * 65536 + b"\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 431 "), raw[:200])
+        raw = raw_exchange(self.server, b"GET /" + b"p" * 65536 + b" HTTP/1.1\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 414 "), raw[:200])
+        fine = b"".join(b"X-%d: y\r\n" % i for i in range(98))   # 99 with Host, 100 with the blank line
+        raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nHost: localhost\r\n" + fine + b"\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:200])
+
+    def test_crafted_strings_are_scanned_in_linear_time(self):
+        # Quadratic in the old string pattern: minutes for this body.
+        body = b'"' + b'\\"' * (rexec.MAX_BODY // 2 - 1)
+        with Conn(self.server) as conn:
+            response = conn.request("POST", "/process", body)
+        self.assertEqual(response.status, 400)
+        self.assertIn(b"not JSON", response.body)
+        self.assertEqual(rexec.json_depth(b"[" * 40 + b'"\\"[[[", {"a": "]]"}' + b"]" * 40), 41)
+
+    def test_huge_timeouts(self):
+        with Conn(self.server) as conn:
+            for literal in (b"1e308", b"1e10", b"31536001"):
+                body = b'{"alias": "a", "cmd": "true", "timeout": %s}' % literal
+                response = conn.request("POST", "/process", body)
+                self.assertEqual((response.status, response.body), (400, b"field 'timeout' must be a "
+                                 b"positive number of seconds, at most 31536000\n"), literal)
+            # Longer than select/poll/epoll can wait for at once: the wait is capped.
+            response = conn.request("POST", "/process", {"alias": "a", "cmd": "printf", "args": ["x"],
+                                                         "timeout": 31536000})
+            self.assertEqual((response.status, response.body), (200, b"x"))
+        self.assertNotIn("Traceback", self.server.log())
+
+    def test_slow_request_head_and_body_are_cut_off(self):
+        server = Server(prelude="rexec.REQUEST_TIMEOUT = 0.5")
+        self.addCleanup(server.stop)
+        for start in (b"GET /process HTTP/1.1\r\nHost: localhost\r\n",
+                      b'POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"a'):
+            with server.connect() as sock:
+                sock.sendall(start)
+                closed = False
+                for _ in range(400):   # a byte every 50 ms would last 20 s
+                    try:
+                        sock.sendall(b"X")
+                        readable = select.select([sock], [], [], 0.05)[0]
+                        if readable and sock.recv(65536) == b"":
+                            closed = True
+                            break
+                    except OSError:
+                        closed = True
+                        break
+                self.assertTrue(closed, start)
+        self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 200)
+        self.assertNotIn("Traceback", server.log())
+        self.assertNotIn("internal error", server.log())
+
+    def test_messages_with_lone_surrogates(self):
+        body = b'{"alias": "a", "cmd": "/nonexistent-\\udcff"}'
+        with Conn(self.server) as conn:
+            response = conn.request("POST", "/process", body)
+        self.assertEqual(response.status, 404)
+        # 3.6 puts a repr() of cmd in the message, newer Pythons the name itself
+        self.assertIn(b"No such file or directory: ", response.body)
+        self.assertTrue(response.body.rstrip(b"'\n").endswith(b"/nonexistent-\\udcff"), response.body)
+
+    def test_allowlist(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        os.mkdir(os.path.join(directory, "bin"))
+        for name in ("echo", "bin/tool"):   # an attacker's programs
+            with open(os.path.join(directory, name), "w") as handle:
+                handle.write("#!/bin/sh\necho pwned\n")
+            os.chmod(os.path.join(directory, name), 0o755)
+        echo = shutil.which("echo")
+        server = Server("--allow", "echo", "--allow", echo, "--allow", "bin/tool")
+        self.addCleanup(server.stop)
+        for spec, message in (({"cmd": "ls"}, "command 'ls' is not allowed here (--allow)"),
+                              ({"cmd": "echo "}, "command 'echo ' is not allowed here (--allow)"),
+                              ({"cmd": "./echo"}, "command './echo' is not allowed here (--allow)"),
+                              ({"cmd": "echo", "envs": {"PATH": directory}},
+                               "with --allow, cmd 'echo' cannot come with its own PATH (envs) or cwd; "
+                               "allow an absolute path"),
+                              ({"cmd": "bin/tool", "cwd": directory},
+                               "with --allow, cmd 'bin/tool' cannot come with its own PATH (envs) or cwd; "
+                               "allow an absolute path")):
+            spec.update(alias="a", args=["hi"])
+            with self.subTest(spec=spec):
+                response = run(server, spec)
+                self.assertEqual((response.status, response.body), (403, message.encode() + b"\n"))
+        self.assertNotIn("start alias=", server.log())
+        for spec in ({"cmd": "echo"}, {"cmd": "echo", "cwd": directory},
+                     {"cmd": echo, "envs": {"PATH": directory}}):
+            spec.update(alias="a", args=["hi"])
+            self.assertEqual(run(server, spec).body, b"hi\n")
+
+    def test_max_procs_503_with_retry_after(self):
+        server = Server("--max-procs", "1")
+        self.addCleanup(server.stop)
+        first = Conn(server)
+        self.addCleanup(first.close)
+        first.send("POST", "/process", {"alias": "one", "cmd": "sleep", "args": ["300"]})
+        self.assertEqual(first.head()[0], 200)
+        response = run(server, {"alias": "two", "cmd": "true"})
+        self.assertEqual((response.status, response.headers["retry-after"], response.body),
+                         (503, "1", b"1 processes are running, the most allowed (--max-procs)\n"))
+        first.close()
+        self.assertTrue(wait_for(lambda: run(server, {"alias": "two", "cmd": "true"}).status == 200))
+
+    def test_token_on_every_endpoint_but_health(self):
+        server = Server("-vv", env={"REXEC_TOKEN": " s3cret-token-77 \n"})
+        self.addCleanup(server.stop)
+        refusal = b"this server wants an 'Authorization: Bearer <token>' header with its token\n"
+        requests = (("POST", "/process", {"alias": "a", "cmd": "true"}), ("GET", "/process", None),
+                    ("DELETE", "/process/a", None), ("GET", "/metrics", None), ("GET", "/nowhere", None))
+        for method, path, body in requests:
+            for auth in (None, "Bearer wrong-token-78", "Basic s3cret-token-77", "s3cret-token-77",
+                         "Bearer s3cret-token-77x", "Bearer"):
+                with self.subTest(method=method, path=path, auth=auth), Conn(server) as conn:
+                    headers = {"Authorization": auth} if auth else {}
+                    response = conn.request(method, path, body, headers=headers)
+                    self.assertEqual((response.status, response.body), (401, refusal))
+                    self.assertEqual(response.headers["www-authenticate"], 'Bearer realm="rexec"')
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+            good = {"Authorization": "Bearer s3cret-token-77"}
+            self.assertEqual(conn.request("GET", "/process", headers=good).status, 200)
+            self.assertEqual(conn.request("GET", "/metrics", headers={"authorization": "bearer s3cret-token-77"}
+                                          ).status, 200)
+            response = conn.request("POST", "/process", {"alias": "a", "cmd": "sh", "stdin": "stdin-secret-79",
+                                                         "envs": {"E": "env-secret-80"},
+                                                         "args": ["-c", 'cat; echo " ${REXEC_TOKEN:-unset} $E"']},
+                                    headers=good)
+            self.assertEqual(response.body, b"stdin-secret-79 unset env-secret-80\n")   # not inherited
+        server.wait_log(r"WARNING auth-failed peer=127\.0\.0\.1\n")
+        server.wait_log(r"TRACE chunk alias=a")
+        log = server.log()
+        for secret in ("s3cret", "wrong-token", "stdin-secret", "env-secret"):
+            self.assertNotIn(secret, log)
+        self.assertEqual(log.count("auth-failed"), 30)
+
+    def test_token_file(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "token")
+        with open(path, "w") as handle:
+            handle.write("  file-token-81  \nsecond-line\n")
+        os.chmod(path, 0o644)
+        server = Server("--token-file", path)
+        self.addCleanup(server.stop)
+        self.assertIn("is readable by group or others; chmod 600 it", server.log())
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/process", headers={"Authorization": "Bearer second-line"}
+                                          ).status, 401)
+            self.assertEqual(conn.request("GET", "/process", headers={"Authorization": "Bearer file-token-81"}
+                                          ).status, 200)
+        os.chmod(path, 0o600)
+        quiet = Server("--token-file", path)
+        self.addCleanup(quiet.stop)
+        self.assertNotIn("chmod", quiet.log())
+        self.assertNotIn("file-token", server.log() + quiet.log())
+
+    def test_bad_token_configurations_exit_2(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        empty = os.path.join(directory, "empty")
+        open(empty, "w").close()
+        for args, env, message in (
+                (["--token-file", empty], {}, "rexec: --token-file holds an empty token\n"),
+                (["--token-file", os.path.join(directory, "none")], {}, "rexec: cannot read --token-file"),
+                (["--no-auth"], {"REXEC_TOKEN": "t"}, "rexec: --no-auth and a token (REXEC_TOKEN) "
+                                                      "contradict each other\n"),
+                ([], {"REXEC_TOKEN": " "}, "rexec: REXEC_TOKEN holds an empty token\n")):
+            result = subprocess.run([sys.executable, REXEC, "-i", "127.0.0.1", "-p", "0"] + args,
+                                    env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    timeout=30)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(message, result.stderr.decode())
+
+    def test_no_auth_warns_when_bound_beyond_loopback(self):
+        server = Server("--no-auth", ip="0.0.0.0")
+        self.addCleanup(server.stop)
+        server.wait_log("WARNING --no-auth: anyone who can reach port %d may run any command" % server.port)
+        self.assertEqual(run(server, {"alias": "a", "cmd": "printf", "args": ["ok"]}).body, b"ok")
+        loopback = Server("--no-auth")
+        self.addCleanup(loopback.stop)
+        self.assertEqual(run(loopback, {"alias": "a", "cmd": "true"}).status, 200)
+        self.assertNotIn("WARNING", loopback.log())
+        protected = Server(ip="0.0.0.0")
+        self.addCleanup(protected.stop)
+        protected.wait_log("protected mode: no token, so only loopback peers are served")
+        self.assertEqual(run(protected, {"alias": "a", "cmd": "printf", "args": ["ok"]}).body, b"ok")
+
+    def test_body_read_errors_are_a_disconnect(self):
+        # A reset while the body arrives: no 500, no traceback.
+        with self.server.connect() as sock:
+            sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.assertEqual(run(self.server, {"alias": "a", "cmd": "true"}).status, 200)
+        self.assertNotIn("Traceback", self.server.log())
+        self.assertNotIn("internal error", self.server.log())
 
 
 if __name__ == "__main__":
