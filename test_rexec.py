@@ -1322,6 +1322,135 @@ class SecurityTests(ServerTestCase):
         self.assertNotIn("internal error", self.server.log())
 
 
+OPENSSL = shutil.which("openssl")
+
+
+def make_test_pki(directory):
+    """A test CA, a server certificate (localhost, 127.0.0.1) and a client
+    certificate, with the extensions Python 3.13's strict verification wants."""
+    def sh(*args):
+        subprocess.check_call([OPENSSL] + list(args), cwd=directory,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def write(name, text):
+        with open(os.path.join(directory, name), "w") as handle:
+            handle.write(text)
+    write("ca.ext", "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+                    "subjectKeyIdentifier=hash\n")
+    leaf = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+    write("server.ext", leaf + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    write("client.ext", leaf + "extendedKeyUsage=clientAuth\nsubjectAltName=DNS:rexec-client\n")
+    for serial, name in enumerate(("ca", "server", "client"), 1):
+        sh("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=rexec test " + name)
+        signer = (["-signkey", "ca.key"] if name == "ca" else ["-CA", "ca.pem", "-CAkey", "ca.key"])
+        sh("x509", "-req", "-in", name + ".csr", "-out", name + ".pem", "-days", "2",
+           "-set_serial", str(serial), "-extfile", name + ".ext", *signer)
+    return {name: os.path.join(directory, name) for name in
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+class TLSTests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        if OPENSSL is None or rexec.ssl is None:
+            raise unittest.SkipTest("needs the openssl command and the ssl module")
+        cls.directory = tempfile.mkdtemp(prefix="rexec-pki-")
+        cls.pki = make_test_pki(cls.directory)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory, True)
+
+    def start(self, *args):
+        server = Server("--certfile", self.pki["server.pem"], "--keyfile", self.pki["server.key"], *args)
+        self.addCleanup(server.stop)
+        return server
+
+    def tls_conn(self, server, client_cert=True):
+        import ssl
+        context = ssl.create_default_context(cafile=self.pki["ca.pem"])
+        if client_cert:
+            context.load_cert_chain(self.pki["client.pem"], self.pki["client.key"])
+        sock = context.wrap_socket(server.connect(), server_hostname="localhost")
+        return Conn(server, sock=sock)
+
+    def test_https_with_python_and_curl(self):
+        server = self.start()
+        server.wait_log(r"url=https://127\.0\.0\.1:%d/" % server.port)
+        with self.tls_conn(server, client_cert=False) as conn:
+            response = conn.request("POST", "/process", {"alias": "a", "cmd": "printf", "args": ["tls"]})
+            self.assertEqual(response.raw.split(b"\r\n\r\n", 1)[1],
+                             b"3\r\ntls\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n")
+            self.assertEqual(conn.request("GET", "/process").json(), [])   # keep-alive over TLS
+        if CURL:
+            for host in ("127.0.0.1", "localhost"):
+                out = subprocess.check_output(
+                    [CURL, "-sS", "--cacert", self.pki["ca.pem"], "https://%s:%d/process" % (host, server.port),
+                     "-d", '{"alias": "c", "cmd": "printf", "args": ["curl"]}'])
+                self.assertEqual(out, b"curl")
+        # plain HTTP to the TLS port: the handshake fails, the connection ends
+        self.assertNotIn(b"HTTP/1.1 200", raw_exchange(server, b"GET /health HTTP/1.1\r\n\r\n"))
+
+    def test_client_certificates_are_required_with_client_ca(self):
+        import ssl
+        server = self.start("--client-ca", self.pki["ca.pem"])
+        with self.tls_conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        got = b""
+        try:
+            with self.tls_conn(server, client_cert=False) as conn:
+                conn.send("GET", "/health")
+                got = conn.file.read()
+        except (ssl.SSLError, OSError):   # refused in the handshake, or at the first read (TLS 1.3)
+            pass
+        self.assertEqual(got, b"")
+        if CURL:
+            base = [CURL, "-sS", "--cacert", self.pki["ca.pem"], "https://localhost:%d/health" % server.port]
+            self.assertNotEqual(subprocess.call(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), 0)
+            out = subprocess.check_output(base + ["--cert", self.pki["client.pem"], "--key", self.pki["client.key"]])
+            self.assertEqual(out, b"ok\n")
+
+    def test_stalled_clients_do_not_block_others(self):
+        server = self.start()
+        stalled = [server.connect() for _ in range(5)]   # plain TCP, no ClientHello
+        for sock in stalled:
+            self.addCleanup(sock.close)
+        stalled[0].sendall(b"GET /health HTTP/1.1\r\n")   # plain HTTP, half a request
+        with self.tls_conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        self.assertEqual(server.proc.poll(), None)
+
+    def test_silent_child_dies_when_the_tls_client_leaves(self):
+        server = self.start("--grace", "0.5")
+        conn = self.tls_conn(server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", {"alias": "s", "cmd": "sleep", "args": ["300"]})
+        self.assertEqual(conn.head()[0], 200)
+        with self.tls_conn(server) as other:
+            pid = other.request("GET", "/process").json()[0]["pid"]
+        self.assertTrue(pid_alive(pid))
+        conn.close()
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)))
+        server.wait_log(r"end alias=s pid=%d .*reason=disconnect" % pid)
+
+    def test_tls_minimum_version_without_deprecation_warnings(self):
+        import argparse
+        import ssl
+        import warnings
+        options = argparse.Namespace(certfile=self.pki["server.pem"], keyfile=self.pki["server.key"],
+                                     client_ca=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            context = rexec.load_ssl_context(options)
+        if hasattr(ssl, "TLSVersion"):
+            self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+        else:
+            self.assertTrue(context.options & ssl.OP_NO_TLSv1 and context.options & ssl.OP_NO_TLSv1_1)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         sys.exit(bench_main(sys.argv[2:]))  # noqa: F821 -- defined in the benchmark section
