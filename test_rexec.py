@@ -1451,6 +1451,106 @@ class TLSTests(unittest.TestCase):
             self.assertTrue(context.options & ssl.OP_NO_TLSv1 and context.options & ssl.OP_NO_TLSv1_1)
 
 
+IP = shutil.which("ip")
+REMOTE_CLIENT = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+sock.sendall(sys.stdin.buffer.read())
+while True:
+    data = sock.recv(65536)
+    if not data:
+        break
+    sys.stdout.buffer.write(data)
+"""
+
+
+class NonLoopbackTests(unittest.TestCase):
+    """A real non-loopback peer: a client in a network namespace of its own,
+    joined to this one by a veth pair (needs root and the `ip` command)."""
+
+    def setUp(self):
+        if IP is None or os.geteuid() != 0:
+            self.skipTest("needs root and the ip command for a network namespace")
+        tag = "%05x%03x" % (os.getpid() & 0xfffff, random.randrange(0x1000))
+        self.netns, host_if, peer_if = "rexec-test-" + tag, "rxh" + tag, "rxp" + tag
+        subnet = "10.%d.%d" % (random.randrange(100, 250), random.randrange(256))
+        self.host_ip, self.peer_ip = subnet + ".1", subnet + ".2"
+
+        def ip(*args):
+            return subprocess.run([IP] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = ip("netns", "add", self.netns)
+        if first.returncode != 0:
+            self.skipTest("cannot create a network namespace: %s" % first.stderr.decode().strip())
+        self.addCleanup(ip, "netns", "del", self.netns)
+        self.addCleanup(ip, "link", "del", host_if)   # gone with the namespace, normally
+        in_ns = ("netns", "exec", self.netns, IP)
+        for args in (("link", "add", host_if, "type", "veth", "peer", "name", peer_if),
+                     ("link", "set", peer_if, "netns", self.netns),
+                     ("addr", "add", self.host_ip + "/30", "dev", host_if),
+                     ("link", "set", host_if, "up"),
+                     in_ns + ("addr", "add", self.peer_ip + "/30", "dev", peer_if),
+                     in_ns + ("link", "set", peer_if, "up"),
+                     in_ns + ("link", "set", "lo", "up")):
+            result = ip(*args)
+            if result.returncode != 0:
+                self.skipTest("cannot set up the veth pair: %s" % result.stderr.decode().strip())
+
+    def start(self, *args, env=None):
+        server = Server(*args, env=env, ip="0.0.0.0")
+        self.addCleanup(server.stop)
+        return server
+
+    def remote(self, server, method, path, body=None, headers=()):
+        """One request from the peer in the namespace; the raw response."""
+        # no half-close: that would end a stream; the server closes after one response instead
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s:%d" % (self.host_ip, server.port),
+                 "Connection: close"]
+        lines += ["%s: %s" % header for header in headers]
+        body = json.dumps(body).encode() if body is not None else b""
+        if body:
+            lines.append("Content-Length: %d" % len(body))
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        result = subprocess.run([IP, "netns", "exec", self.netns, sys.executable, "-c", REMOTE_CLIENT,
+                                 self.host_ip, str(server.port)],
+                                input=request, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def test_protected_mode_refuses_other_peers(self):
+        server = self.start()
+        raw = self.remote(server, "POST", "/process", {"alias": "a", "cmd": "true"})
+        self.assertTrue(raw.startswith(b"HTTP/1.1 403 "), raw)
+        self.assertTrue(raw.endswith(b"\r\n\r\nrexec serves only loopback peers until it has a token: "
+                                     b"start it with REXEC_TOKEN or --token-file (or --no-auth)\n"), raw)
+        for path in ("/process", "/metrics"):
+            self.assertTrue(self.remote(server, "GET", path).startswith(b"HTTP/1.1 403 "))
+        self.assertTrue(self.remote(server, "GET", "/health").endswith(b"\r\n\r\nok\n"))
+        self.assertNotIn("start alias=", server.log())
+        self.assertEqual(run(server, {"alias": "a", "cmd": "printf", "args": ["local"]}).body, b"local")
+        server.wait_log(r"access peer=%s method=POST path=/process status=403" % re.escape(self.peer_ip))
+
+    def test_token_lets_other_peers_in(self):
+        server = self.start(env={"REXEC_TOKEN": "remote-tok-91"})
+        spec = {"alias": "r", "cmd": "printf", "args": ["remote"]}
+        raw = self.remote(server, "POST", "/process", spec)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw)
+        self.assertIn(b'\r\nWWW-Authenticate: Bearer realm="rexec"\r\n', raw)
+        raw = self.remote(server, "POST", "/process", spec, [("Authorization", "Bearer remote-tok-91")])
+        self.assertTrue(raw.endswith(b"\r\n\r\n6\r\nremote\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n"),
+                        raw)
+        # the token is wanted from loopback peers too
+        self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 401)
+        server.wait_log(r"WARNING auth-failed peer=%s\n" % re.escape(self.peer_ip))
+        self.assertNotIn("remote-tok", server.log())
+
+    def test_no_auth_serves_other_peers_and_warns(self):
+        server = self.start("--no-auth")
+        server.wait_log("WARNING --no-auth: anyone who can reach port")
+        raw = self.remote(server, "POST", "/process", {"alias": "r", "cmd": "printf", "args": ["open"]})
+        self.assertTrue(raw.endswith(b"\r\n\r\n4\r\nopen\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n"),
+                        raw)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         sys.exit(bench_main(sys.argv[2:]))  # noqa: F821 -- defined in the benchmark section
