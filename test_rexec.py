@@ -1551,6 +1551,124 @@ class NonLoopbackTests(unittest.TestCase):
                         raw)
 
 
+class FuzzTests(ServerTestCase):
+    """Malformed requests at a real server: each gets a 4xx (or the standard
+    refusals of a method/path, 501, or HTTP version, 505, it does not serve) or
+    a closed connection, and the server goes on.
+    REXEC_FUZZ_SEED repeats a run, REXEC_FUZZ_COUNT sets its size."""
+
+    BUDGET = 5.0   # seconds; the count is the bound that matters on a fast machine
+
+    def valid_body(self, rng):
+        return {"alias": "fz%d" % rng.randrange(1000), "cmd": "true", "args": ["x"]}
+
+    @staticmethod
+    def without(spec, field):
+        del spec[field]
+        return spec
+
+    def wrong_json(self, rng):
+        """A body that is JSON (or nearly) but never a valid spec."""
+        shapes = [
+            lambda: [self.valid_body(rng)], lambda: "text", lambda: 5, lambda: None, lambda: True,
+            lambda: [], lambda: 1.5e300,
+            lambda: dict(self.valid_body(rng), alias=rng.choice([1, None, [], {}, "", True])),
+            lambda: dict(self.valid_body(rng), cmd=rng.choice([1, None, ["true"], {}, "", "a\0b"])),
+            lambda: dict(self.valid_body(rng), args=rng.choice(["x", [1], [None], {"a": "b"}, [["x"]]])),
+            lambda: dict(self.valid_body(rng), envs=rng.choice([[], "A=B", {"A": 1}, {"": "x"}, {"A=B": "x"},
+                                                                {"A": None}])),
+            lambda: dict(self.valid_body(rng), timeout=rng.choice([0, -1, "5", True, [], 1e308, -1e-9])),
+            lambda: dict(self.valid_body(rng), stdin=rng.choice([5, [], {}, False])),
+            lambda: dict(self.valid_body(rng), stderr=rng.choice(["stdout", None, 1, ""])),
+            lambda: dict(self.valid_body(rng), tty=rng.choice(["yes", 1, 0, None])),
+            lambda: dict(self.valid_body(rng), cwd=rng.choice([5, "", None, []])),
+            lambda: dict(self.valid_body(rng), **{rng.choice(["timout", "Alias", "x", ""]): 1}),
+            lambda: self.without(self.valid_body(rng), rng.choice(["alias", "cmd"])),
+        ]
+        body = json.dumps(rng.choice(shapes)()).encode()
+        mangle = rng.randrange(6)
+        if mangle == 0:
+            return b"[" * rng.randrange(30, 5000) + body
+        if mangle == 1:
+            return body + b"\xff"
+        return body
+
+    def case(self, rng):
+        """One malformed request as bytes."""
+        kind = rng.randrange(9)
+        host = b"Host: localhost\r\n"
+        if kind == 0:   # random bytes
+            return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        if kind == 1:   # a broken request line
+            line = rng.choice([b"POST", b"POST /process", b"POST /process HTTP/9.9", b"POST /process HTTP/1.1 x",
+                               b"\x00 / HTTP/1.1", b"POST  HTTP/1.1", b"GET /process HTTP/1.x",
+                               b"GET /process HTTP/", b"GET /process http/1.1", b"GET /process HTTP/1.1.1",
+                               b"GET /process HTTP/1.1 HTTP/1.1", b"GET /pro cess HTTP/1.1",
+                               b"GET /" + b"a" * 70000 + b" HTTP/1.1", b"\r\n\r\nGET /x HTTP/1.1"])
+            return line + b"\r\n" + host + b"\r\n"
+        if kind == 2:   # too many or too long headers
+            if rng.random() < 0.5:
+                headers = b"".join(b"X-%d: y\r\n" % i for i in range(rng.randrange(101, 300)))
+            else:
+                headers = b"X: " + b"y" * rng.randrange(65537, 70000) + b"\r\n"
+            return b"GET /process HTTP/1.1\r\n" + host + headers + b"\r\n"
+        if kind == 3:   # malformed header lines
+            bad = rng.choice([b"no colon", b" leading: space", b"Content-Length : 5", b": empty name",
+                              b"X: \x00\x01", b"Host: a\r\nHost: b", b"Origin: http://evil",
+                              b"Host: rebind.example"])
+            return b"POST /process HTTP/1.1\r\n" + host + bad + b"\r\nContent-Length: 2\r\n\r\n{}"
+        body = json.dumps(self.valid_body(rng)).encode()
+        if kind == 4:   # bad or conflicting Content-Length
+            values = rng.choice([[b"+%d" % len(body)], [b"-1"], [b"%d" % len(body), b"%d" % (len(body) + 1)],
+                                 [b"%d" % len(body)] * 2, [b"1_0"], [b"0x10"], [b"9" * 30], [b""],
+                                 [("\u0661" * 2).encode()]])
+            head = b"".join(b"Content-Length: %s\r\n" % v for v in values)
+            return b"POST /process HTTP/1.1\r\n" + host + head + b"\r\n" + body
+        if kind == 5:   # a length that is not the body's, or a truncated body
+            length = rng.choice([len(body) + rng.randrange(1, 1000), rng.randrange(1, len(body))])
+            if length < len(body):   # a strict prefix of an object is never JSON
+                body = body[:length] + b"garbage"
+            return b"POST /process HTTP/1.1\r\n" + host + b"Content-Length: %d\r\n\r\n" % length + body
+        if kind == 6:   # chunked, or chunked and a length
+            extra = rng.choice([b"", b"Content-Length: %d\r\n" % len(body)])
+            return (b"POST /process HTTP/1.1\r\n" + host + b"Transfer-Encoding: chunked\r\n" + extra +
+                    b"\r\n%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        if kind == 7:   # HTTP/0.9 or too big
+            if rng.random() < 0.5:
+                return rng.choice([b"GET /process\r\n", b"GET /health\r\n", b"POST /process\r\n"])
+            return b"POST /process HTTP/1.1\r\n" + host + b"Content-Length: %d\r\n\r\n" % (rexec.MAX_BODY + 1)
+        wrong = self.wrong_json(rng)   # JSON of every wrong shape
+        return b"POST /process HTTP/1.1\r\n" + host + b"Content-Length: %d\r\n\r\n" % len(wrong) + wrong
+
+    def test_malformed_requests(self):
+        seed = int(os.environ.get("REXEC_FUZZ_SEED") or random.randrange(1 << 32))
+        count = int(os.environ.get("REXEC_FUZZ_COUNT", "400"))
+        print("\nfuzz seed %d (REXEC_FUZZ_SEED=%d repeats it)" % (seed, seed), file=sys.stderr)
+        rng = random.Random(seed)
+        deadline = time.monotonic() + self.BUDGET
+        status_line = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+        done = 0
+        while done < count and time.monotonic() < deadline:
+            request = self.case(rng)
+            raw = raw_exchange(self.server, request)
+            done += 1
+            if raw:
+                match = status_line.match(raw)
+                self.assertIsNotNone(match, "seed %d, %r -> %r" % (seed, request[:200], raw[:200]))
+                status = int(match.group(1))
+                self.assertTrue(400 <= status < 500 or status in (501, 505),
+                                "seed %d, %r -> %r" % (seed, request[:200], raw[:300]))
+        print("fuzz: %d requests" % done, file=sys.stderr)
+        self.assertGreater(done, 0)
+        self.assertIsNone(self.server.proc.poll())
+        self.assertEqual(run(self.server, {"alias": "after", "cmd": "printf", "args": ["fine"]}).body, b"fine")
+        self.assertEqual(self.ps(), [])
+        log = self.server.log()
+        self.assertNotIn("start alias=fz", log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("internal error", log)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         sys.exit(bench_main(sys.argv[2:]))  # noqa: F821 -- defined in the benchmark section
