@@ -1026,7 +1026,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         except ClientDisconnected:
             self.close_connection = True
         except Exception:
-            log.exception("internal error serving %s %s", self.command, printable(self.path))
+            log.exception("internal error serving %s %s", self.command,
+                          printable(self.path.partition("?")[0]))   # a query may hold secrets
             self.close_connection = True
             if self.status is None:
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server log")

@@ -1311,6 +1311,15 @@ class SecurityTests(ServerTestCase):
         protected.wait_log("protected mode: no token, so only loopback peers are served")
         self.assertEqual(run(protected, {"alias": "a", "cmd": "printf", "args": ["ok"]}).body, b"ok")
 
+    def test_internal_errors_do_not_log_the_query(self):
+        server = Server("-vv", prelude="rexec.parse_spec = lambda body: 1 / 0")
+        self.addCleanup(server.stop)
+        with Conn(server) as conn:
+            response = conn.request("POST", "/process?token=query-secret-93", {"alias": "a", "cmd": "true"})
+        self.assertEqual(response.status, 500)
+        server.wait_log(r"internal error serving POST /process\n")
+        self.assertNotIn("query-secret", server.log())
+
     def test_body_read_errors_are_a_disconnect(self):
         # A reset while the body arrives: no 500, no traceback.
         with self.server.connect() as sock:
@@ -1374,8 +1383,12 @@ class TLSTests(unittest.TestCase):
         context = ssl.create_default_context(cafile=self.pki["ca.pem"])
         if client_cert:
             context.load_cert_chain(self.pki["client.pem"], self.pki["client.key"])
-        sock = context.wrap_socket(server.connect(), server_hostname="localhost")
-        return Conn(server, sock=sock)
+        raw = server.connect()
+        try:
+            return Conn(server, sock=context.wrap_socket(raw, server_hostname="localhost"))
+        except BaseException:
+            raw.close()
+            raise
 
     def test_https_with_python_and_curl(self):
         server = self.start()
