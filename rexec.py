@@ -1054,6 +1054,9 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         if len(lengths) > 1 or lengths and not CONTENT_LENGTH.fullmatch(lengths[0].strip(" \t")):
             self.close_connection = True
             raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length must be one decimal number")
+        if lengths and "Transfer-Encoding" in self.headers:   # which one frames the body?
+            self.close_connection = True
+            raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length and Transfer-Encoding conflict")
         if len(hosts) > 1:
             self.close_connection = True
             raise Refused(HTTPStatus.BAD_REQUEST, "more than one Host header")

@@ -1094,6 +1094,11 @@ class SecurityTests(ServerTestCase):
                 head += b"".join(b"Content-Length: %s\r\n" % v for v in values)
                 with self.subTest(method=method, values=values):
                     self.assertRefusal(raw_exchange(self.server, head + b"\r\n{}"), 400, message, close=True)
+            raw = raw_exchange(self.server, b"%s /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n" % method)
+            self.assertRefusal(raw, 400, "Content-Length and Transfer-Encoding conflict", close=True)
+            raw = raw_exchange(self.server, b"%s /process HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" % method)
+            self.assertRefusal(raw, 400, "more than one Host header", close=True)
         self.assertEqual(self.ps(), [])
         # Whitespace around the number is allowed (it is not part of the value).
         body = json.dumps({"alias": "a", "cmd": "printf", "args": ["ok"]}).encode()
