@@ -82,7 +82,11 @@ PEER_GONE_ERRNOS = frozenset({
 REASONS = ("exit", "timeout", "killed", "shutdown", "disconnect")
 STDERR_MODES = {"inherit": None, "merge": subprocess.STDOUT, "discard": subprocess.DEVNULL}
 MAX_NESTING = 32             # JSON depth; deeper input could overflow a small thread stack
-JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# An unterminated string runs to the end: every match succeeds, so the scan stays linear.
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+MAX_TIMEOUT = 365 * 86400.0  # a longer "timeout" is surely a mistake; leave it out for none
+MAX_SELECT = 86400.0         # selectors overflow on huge timeouts; waking daily costs nothing
+CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")   # ASCII only: int() also takes "+5", "1_0", "٥"
 SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 CAN_SPLICE = hasattr(os, "splice")
@@ -336,8 +340,9 @@ def parse_spec(body):
         _check_os_string(value, "a value in field 'envs'")
     timeout = obj.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not math.isfinite(timeout) or timeout <= 0):
-        raise Refused(bad, "field 'timeout' must be a positive number of seconds")
+                                or not 0 < timeout <= MAX_TIMEOUT):
+        raise Refused(bad, "field 'timeout' must be a positive number of seconds, "
+                           "at most %d" % MAX_TIMEOUT)
     stdin = obj.get("stdin")
     if stdin is not None:
         if not isinstance(stdin, str):
@@ -570,7 +575,7 @@ class Stream:
             times.append(self.term_at + self.grace)
         if self.exited and not self.writer.idle:
             times.append(self.writer.progress_at + WRITE_TIMEOUT)
-        return max(0.0, min(times) - time.monotonic()) if times else None
+        return min(MAX_SELECT, max(0.0, min(times) - time.monotonic())) if times else MAX_SELECT
 
     def _watch_exit(self):
         """Arrange to learn of the child's exit while it stays a zombie: its pid
@@ -902,11 +907,28 @@ def is_loopback(host):
     return (mapped or address).is_loopback
 
 
+def is_literal_host(host):
+    """True when a Host header names an IP address or localhost (a port may follow):
+    a name that DNS could rebind to 127.0.0.1 is anything else."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]*)?|([^:\[\]]+)(?::[0-9]*)?", host.strip())
+    if not match:
+        return False
+    name = match.group(1) or match.group(2)
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class RexecHandler(http.server.BaseHTTPRequestHandler):
     """Serves the rexec API on one connection, one request after another."""
 
     server_version = "rexec/" + __version__
     protocol_version = "HTTP/1.1"   # keep-alive, and chunked responses with trailers
+    default_request_version = "HTTP/1.0"   # refusals of unparsable lines get a status line
     timeout = REQUEST_TIMEOUT       # socket timeout; DeadlineReader bounds a whole request
     unread_body = False             # a refusal left body bytes unread: linger, then close
 
@@ -956,6 +978,14 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         if self.unread_body:
             self.close_connection = True
 
+    def parse_request(self):
+        """The standard parser, minus HTTP/0.9 ("GET /"): it has no status line to refuse with."""
+        if len(self.raw_requestline.split()) == 2:
+            self.request_version = "HTTP/1.0"
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served")
+            return False
+        return super().parse_request()
+
     # -- dispatch ------------------------------------------------------------
 
     def _route(self):
@@ -971,8 +1001,12 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def _preflight(self):
         """Everything that can refuse a request before its body is read."""
+        self._check_framing()
         action = self._route()
         if action != self.serve_health:
+            if "Origin" in self.headers:  # a web page: any site could POST to a loopback rexec
+                raise Refused(HTTPStatus.FORBIDDEN, "requests from web pages (with an Origin "
+                              "header) are refused")
             self._authorize()
         if action is None:
             raise Refused(HTTPStatus.NOT_IMPLEMENTED, "%s %s is not supported"
@@ -982,8 +1016,9 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         return action
 
     def _handle(self):
-        length = self.headers.get("Content-Length", "0").strip()
-        self.unread_body = "Transfer-Encoding" in self.headers or length not in ("", "0")
+        lengths = self.headers.get_all("Content-Length", [])
+        self.unread_body = "Transfer-Encoding" in self.headers or any(
+            length.strip() != "0" for length in lengths)
         try:
             self._preflight()()
         except Refused as refusal:
@@ -991,7 +1026,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         except ClientDisconnected:
             self.close_connection = True
         except Exception:
-            log.exception("internal error serving %s %s", self.command, printable(self.path))
+            log.exception("internal error serving %s %s", self.command,
+                          printable(self.path.partition("?")[0]))   # a query may hold secrets
             self.close_connection = True
             if self.status is None:
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server log")
@@ -1008,14 +1044,35 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             return False
         return super().handle_expect_100()
 
+    def _check_framing(self):
+        """Refuse (400, closing) a head whose end or body length is in doubt."""
+        if self.headers.defects:  # e.g. a line without a colon: the rest was not parsed
+            self.close_connection = True
+            raise Refused(HTTPStatus.BAD_REQUEST, "malformed header line")
+        lengths = self.headers.get_all("Content-Length", [])
+        hosts = self.headers.get_all("Host", [])
+        if len(lengths) > 1 or lengths and not CONTENT_LENGTH.fullmatch(lengths[0].strip(" \t")):
+            self.close_connection = True
+            raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length must be one decimal number")
+        if lengths and "Transfer-Encoding" in self.headers:   # which one frames the body?
+            self.close_connection = True
+            raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length and Transfer-Encoding conflict")
+        if len(hosts) > 1:
+            self.close_connection = True
+            raise Refused(HTTPStatus.BAD_REQUEST, "more than one Host header")
+
     def _authorize(self):
         server = self.server
         if server.token is None:
-            if server.no_auth or is_loopback(self.client_address[0]):
-                return
-            raise Refused(HTTPStatus.FORBIDDEN,
-                          "rexec serves only loopback peers until it has a token: "
-                          "start it with REXEC_TOKEN or --token-file (or --no-auth)")
+            if not (server.no_auth or is_loopback(self.client_address[0])):
+                raise Refused(HTTPStatus.FORBIDDEN,
+                              "rexec serves only loopback peers until it has a token: "
+                              "start it with REXEC_TOKEN or --token-file (or --no-auth)")
+            host = self.headers.get("Host")
+            if host is not None and not is_literal_host(host):  # DNS rebinding
+                raise Refused(HTTPStatus.FORBIDDEN, "without a token, the Host header must be "
+                              "an IP address or localhost")
+            return
         scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(
                 credentials.strip().encode("latin-1"), server.token):
@@ -1031,16 +1088,18 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise Refused(HTTPStatus.LENGTH_REQUIRED, "a JSON body with a Content-Length is required")
-        if not length.strip().isdigit():
-            raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
-        if int(length) > MAX_BODY:
+        length = int(length)   # _check_framing made sure it is digits
+        if length > MAX_BODY:
             raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                           "the body is larger than %d bytes" % MAX_BODY)
-        return int(length)
+        return length
 
     def _read_body(self):
         length = self._body_length()
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError as exc:  # a timeout (DeadlineReader) or a reset: the client is no use
+            raise ClientDisconnected("reading the body: %s" % exc) from exc
         if len(body) < length:
             raise ClientDisconnected("the body ended early")
         self.unread_body = False
@@ -1053,8 +1112,16 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         spec = parse_spec(self._read_body())
         self.alias = spec.alias
-        if server.allow is not None and spec.cmd not in server.allow:
-            raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (--allow)" % spec.cmd)
+        if server.allow is not None:
+            if spec.cmd not in server.allow:
+                raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (--allow)"
+                              % spec.cmd)
+            # A bare name is looked up in the child's PATH, "bin/x" in its cwd: with an
+            # allowlist the client must choose neither, or "ls" could be its own binary.
+            if ("/" not in spec.cmd and "PATH" in spec.envs
+                    or "/" in spec.cmd and not os.path.isabs(spec.cmd) and spec.cwd != "."):
+                raise Refused(HTTPStatus.FORBIDDEN, "with --allow, cmd %r cannot come with its "
+                              "own PATH (envs) or cwd; allow an absolute path" % spec.cmd)
         log_event(logging.DEBUG, "request", alias=spec.alias, cmd=spec.cmd, args=spec.args,
                   cwd=spec.cwd, env_names=sorted(spec.envs), timeout=spec.timeout,
                   stdin_bytes=None if spec.stdin is None else len(spec.stdin),
@@ -1151,7 +1218,9 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def send_text(self, status, text, headers=(), content_type="text/plain; charset=utf-8"):
         """A complete response with a Content-Length; text gets a final newline."""
-        body = text.encode("utf-8") if text.endswith("\n") else (text + "\n").encode("utf-8")
+        if not text.endswith("\n"):
+            text += "\n"
+        body = text.encode("utf-8", "backslashreplace")   # lone surrogates from os.fsdecode
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
@@ -1171,6 +1240,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, 414, 431, ...), as plain text."""
         self.close_connection = True
+        self.unread_body = True   # the rest of an over-long line, say: close lingering
         phrase = message or HTTPStatus(code).phrase
         self.send_text(code, phrase)
 
@@ -1369,7 +1439,8 @@ def load_token(options):
             log.warning("%s is readable by group or others; chmod 600 it", options.token_file)
         source = "--token-file"
     elif "REXEC_TOKEN" in os.environ:
-        token, source = os.environ["REXEC_TOKEN"].strip(), "REXEC_TOKEN"
+        # popped: children inherit rexec's environment and must not see the token
+        token, source = os.environ.pop("REXEC_TOKEN").strip(), "REXEC_TOKEN"
     else:
         return None
     if not token:
@@ -1390,7 +1461,10 @@ def load_ssl_context(options):
     if ssl is None:
         raise ConfigError("this Python has no ssl module")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.options |= getattr(ssl, "OP_NO_TLSv1", 0) | getattr(ssl, "OP_NO_TLSv1_1", 0)
+    if hasattr(ssl, "TLSVersion"):   # 3.7+; the OP_NO_* flags are deprecated since 3.10
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     try:
         context.load_cert_chain(options.certfile, options.keyfile)
         if options.client_ca:

@@ -7,13 +7,16 @@ Every server runs in a child process of its own (so signals, descriptors and
 process groups are as in production) and logs to a pipe that the test reads.
 """
 
+import contextlib
 import json
 import os
+import random
 import re
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -141,7 +144,7 @@ class Conn:
     def send(self, method, path, body=None, headers=None, version="HTTP/1.1"):
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode("utf-8")
-        lines = ["%s %s %s" % (method, path, version), "Host: test"]
+        lines = ["%s %s %s" % (method, path, version), "Host: 127.0.0.1"]
         for name, value in (headers or {}).items():
             lines.append("%s: %s" % (name, value))
         if body is not None and not any(k.lower() == "content-length" for k in (headers or {})):
@@ -457,7 +460,7 @@ class RefusalTests(ServerTestCase):
     def test_413_without_reading_the_body(self):
         with Conn(self.server) as conn:
             # Only the head is sent: the answer must come without the body.
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                               % (rexec.MAX_BODY + 1))
             response = conn.response()
             self.assertRefused(response, 413, "larger than")
@@ -467,13 +470,13 @@ class RefusalTests(ServerTestCase):
         # The refusal must not be lost to a connection reset caused by the unread body.
         with Conn(self.server) as conn:
             body = b"x" * (3 * rexec.MAX_BODY)
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                               % len(body) + body)
             self.assertRefused(conn.response(), 413, "larger than")
 
     def test_413_before_100_continue(self):
         with Conn(self.server) as conn:
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
                               b"Content-Length: %d\r\n\r\n" % (10 * rexec.MAX_BODY))
             status, _, headers, _ = conn.head()
             self.assertEqual(status, 413)
@@ -481,7 +484,7 @@ class RefusalTests(ServerTestCase):
     def test_100_continue_then_body(self):
         with Conn(self.server) as conn:
             body = json.dumps({"alias": "a", "cmd": "echo", "args": ["ok"]}).encode()
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
                               b"Content-Length: %d\r\n\r\n" % len(body))
             self.assertEqual(conn.head()[0], 100)
             conn.sock.sendall(body)
@@ -498,7 +501,7 @@ class RefusalTests(ServerTestCase):
 
     def test_length_required(self):
         with Conn(self.server) as conn:
-            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\n\r\n")
             self.assertRefused(conn.response(), 411, "Content-Length")
 
     def test_409_when_the_alias_runs(self):
@@ -1036,6 +1039,673 @@ class OperatingTests(ServerTestCase):
         server = Server(env={"LISTEN_PID": "1", "LISTEN_FDS": "1"})
         self.addCleanup(server.stop)
         self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 200)
+
+
+# --------------------------------------------------------------------------
+# Issue 3: security
+# --------------------------------------------------------------------------
+
+def raw_exchange(server, data, timeout=20):
+    """Send raw bytes, half-close, and return everything the server sends back
+    until it closes (b"" when it closed without a word or reset)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        return received
+
+
+class SecurityTests(ServerTestCase):
+
+    def assertRefusal(self, raw, status, message, close=False):
+        """`raw` is one whole response: `status`, a one-line `message`, byte-exact."""
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), raw)
+        self.assertEqual(body, message.encode() + b"\n")
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % len(body), head + b"\r\n")
+        if close:
+            self.assertIn(b"\r\nConnection: close", head)
+
+    def test_origin_header_is_refused(self):
+        spec = {"alias": "o", "cmd": "true"}
+        for method, path, body in (("POST", "/process", spec), ("GET", "/process", None),
+                                   ("GET", "/metrics", None), ("DELETE", "/process/o", None)):
+            with Conn(self.server) as conn:   # a refused POST body closes the connection
+                response = conn.request(method, path, body, headers={"Origin": "https://evil.example"})
+                self.assertEqual((response.status, response.body), (403, b"requests from web pages "
+                                 b"(with an Origin header) are refused\n"))
+        with Conn(self.server) as conn:
+            self.assertEqual(conn.request("GET", "/health", headers={"Origin": "null"}).status, 200)
+        self.assertNotIn("start alias=o", self.server.log())
+
+    def test_host_must_be_an_address_or_localhost_without_a_token(self):
+        message = b"without a token, the Host header must be an IP address or localhost\n"
+        for host in ("evil.example", "evil.example:8910", "127.0.0.1.nip.io", "localhost.evil", "[::1",
+                     "127.0.0.1:80:80", ""):
+            raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            with self.subTest(host=host):
+                self.assertRefusal(raw, 403, message.decode().strip())
+        for host in ("127.0.0.1", "127.0.0.1:%d" % self.server.port, "localhost", "LOCALHOST:1",
+                     "[::1]:8910", "[::1]", "10.1.2.3"):
+            raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            with self.subTest(host=host):
+                self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+        # HTTP/1.0 clients may leave Host out; with a token any Host will do.
+        self.assertTrue(raw_exchange(self.server, b"GET /process HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 "))
+        server = Server(env={"REXEC_TOKEN": "tok"})
+        self.addCleanup(server.stop)
+        raw = raw_exchange(server, b"GET /process HTTP/1.1\r\nHost: evil.example\r\n"
+                                   b"Authorization: Bearer tok\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+
+    def test_content_length_must_be_one_ascii_number(self):
+        message = "Content-Length must be one decimal number"
+        cases = [[b"+5"], [b"-1"], [b"1_0"], [b"0x5"], [b"1e3"], [b"5 5"], [b"5,5"], [b""],
+                 ["\u0665".encode("utf-8")], [b"\xb2"], [b"9" * 17], [b"5", b"5"], [b"5", b"6"]]
+        for method in (b"POST", b"GET", b"DELETE"):
+            for values in cases:
+                head = b"%s /process HTTP/1.1\r\nHost: localhost\r\n" % method
+                head += b"".join(b"Content-Length: %s\r\n" % v for v in values)
+                with self.subTest(method=method, values=values):
+                    self.assertRefusal(raw_exchange(self.server, head + b"\r\n{}"), 400, message, close=True)
+            raw = raw_exchange(self.server, b"%s /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n" % method)
+            self.assertRefusal(raw, 400, "Content-Length and Transfer-Encoding conflict", close=True)
+            raw = raw_exchange(self.server, b"%s /process HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" % method)
+            self.assertRefusal(raw, 400, "more than one Host header", close=True)
+        self.assertEqual(self.ps(), [])
+        # Whitespace around the number is allowed (it is not part of the value).
+        body = json.dumps({"alias": "a", "cmd": "printf", "args": ["ok"]}).encode()
+        with Conn(self.server) as conn:
+            conn.sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Content-Length: \t%d \r\n\r\n" % len(body) + body)
+            self.assertEqual(conn.response().body, b"ok")
+
+    def test_http09_and_unparsable_request_lines_get_a_status_line(self):
+        self.assertRefusal(raw_exchange(self.server, b"GET /health\r\n"), 400,
+                           "HTTP/0.9 requests are not served", close=True)
+        self.assertRefusal(raw_exchange(self.server, b"GARBAGE\r\n\r\n"), 400,
+                           "Bad request syntax ('GARBAGE')", close=True)
+        raw = raw_exchange(self.server, b"GET /health HTTP/2.0\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 505 "), raw)
+
+    def test_header_defects_get_400(self):
+        for head in (b"GET /process HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n",
+                     b"GET /process HTTP/1.1\r\n continued: x\r\n\r\n",
+                     b"GET /process HTTP/1.1\r\nContent-Length : 5\r\n\r\n"):
+            with self.subTest(head=head):
+                self.assertRefusal(raw_exchange(self.server, head), 400, "malformed header line", close=True)
+
+    def test_header_count_and_line_limits(self):
+        # the standard library's own: http.client._MAXHEADERS and _MAXLINE
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\n" + many + b"\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 431 "), raw[:200])
+        raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nX: " + b"y" * 65536 + b"\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 431 "), raw[:200])
+        raw = raw_exchange(self.server, b"GET /" + b"p" * 65536 + b" HTTP/1.1\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 414 "), raw[:200])
+        fine = b"".join(b"X-%d: y\r\n" % i for i in range(98))   # 99 with Host, 100 with the blank line
+        raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nHost: localhost\r\n" + fine + b"\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:200])
+
+    def test_crafted_strings_are_scanned_in_linear_time(self):
+        # Quadratic in the old string pattern: minutes for this body.
+        body = b'"' + b'\\"' * (rexec.MAX_BODY // 2 - 1)
+        with Conn(self.server) as conn:
+            response = conn.request("POST", "/process", body)
+        self.assertEqual(response.status, 400)
+        self.assertIn(b"not JSON", response.body)
+        self.assertEqual(rexec.json_depth(b"[" * 40 + b'"\\"[[[", {"a": "]]"}' + b"]" * 40), 41)
+
+    def test_huge_timeouts(self):
+        with Conn(self.server) as conn:
+            for literal in (b"1e308", b"1e10", b"31536001"):
+                body = b'{"alias": "a", "cmd": "true", "timeout": %s}' % literal
+                response = conn.request("POST", "/process", body)
+                self.assertEqual((response.status, response.body), (400, b"field 'timeout' must be a "
+                                 b"positive number of seconds, at most 31536000\n"), literal)
+            # Longer than select/poll/epoll can wait for at once: the wait is capped.
+            response = conn.request("POST", "/process", {"alias": "a", "cmd": "printf", "args": ["x"],
+                                                         "timeout": 31536000})
+            self.assertEqual((response.status, response.body), (200, b"x"))
+        self.assertNotIn("Traceback", self.server.log())
+
+    def test_slow_request_head_and_body_are_cut_off(self):
+        server = Server(prelude="rexec.REQUEST_TIMEOUT = 0.5")
+        self.addCleanup(server.stop)
+        for start in (b"GET /process HTTP/1.1\r\nHost: localhost\r\n",
+                      b'POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"a'):
+            with server.connect() as sock:
+                sock.sendall(start)
+                closed = False
+                for _ in range(400):   # a byte every 50 ms would last 20 s
+                    try:
+                        sock.sendall(b"X")
+                        readable = select.select([sock], [], [], 0.05)[0]
+                        if readable and sock.recv(65536) == b"":
+                            closed = True
+                            break
+                    except OSError:
+                        closed = True
+                        break
+                self.assertTrue(closed, start)
+        self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 200)
+        self.assertNotIn("Traceback", server.log())
+        self.assertNotIn("internal error", server.log())
+
+    def test_messages_with_lone_surrogates(self):
+        body = b'{"alias": "a", "cmd": "/nonexistent-\\udcff"}'
+        with Conn(self.server) as conn:
+            response = conn.request("POST", "/process", body)
+        self.assertEqual(response.status, 404)
+        # 3.6 puts a repr() of cmd in the message, newer Pythons the name itself
+        self.assertIn(b"No such file or directory: ", response.body)
+        self.assertTrue(response.body.rstrip(b"'\n").endswith(b"/nonexistent-\\udcff"), response.body)
+
+    def test_allowlist(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        os.mkdir(os.path.join(directory, "bin"))
+        for name in ("echo", "bin/tool"):   # an attacker's programs
+            with open(os.path.join(directory, name), "w") as handle:
+                handle.write("#!/bin/sh\necho pwned\n")
+            os.chmod(os.path.join(directory, name), 0o755)
+        echo = shutil.which("echo")
+        server = Server("--allow", "echo", "--allow", echo, "--allow", "bin/tool")
+        self.addCleanup(server.stop)
+        for spec, message in (({"cmd": "ls"}, "command 'ls' is not allowed here (--allow)"),
+                              ({"cmd": "echo "}, "command 'echo ' is not allowed here (--allow)"),
+                              ({"cmd": "./echo"}, "command './echo' is not allowed here (--allow)"),
+                              ({"cmd": "echo", "envs": {"PATH": directory}},
+                               "with --allow, cmd 'echo' cannot come with its own PATH (envs) or cwd; "
+                               "allow an absolute path"),
+                              ({"cmd": "bin/tool", "cwd": directory},
+                               "with --allow, cmd 'bin/tool' cannot come with its own PATH (envs) or cwd; "
+                               "allow an absolute path")):
+            spec.update(alias="a", args=["hi"])
+            with self.subTest(spec=spec):
+                response = run(server, spec)
+                self.assertEqual((response.status, response.body), (403, message.encode() + b"\n"))
+        self.assertNotIn("start alias=", server.log())
+        for spec in ({"cmd": "echo"}, {"cmd": "echo", "cwd": directory},
+                     {"cmd": echo, "envs": {"PATH": directory}}):
+            spec.update(alias="a", args=["hi"])
+            self.assertEqual(run(server, spec).body, b"hi\n")
+
+    def test_max_procs_503_with_retry_after(self):
+        server = Server("--max-procs", "1")
+        self.addCleanup(server.stop)
+        first = Conn(server)
+        self.addCleanup(first.close)
+        first.send("POST", "/process", {"alias": "one", "cmd": "sleep", "args": ["300"]})
+        self.assertEqual(first.head()[0], 200)
+        response = run(server, {"alias": "two", "cmd": "true"})
+        self.assertEqual((response.status, response.headers["retry-after"], response.body),
+                         (503, "1", b"1 processes are running, the most allowed (--max-procs)\n"))
+        first.close()
+        self.assertTrue(wait_for(lambda: run(server, {"alias": "two", "cmd": "true"}).status == 200))
+
+    def test_token_on_every_endpoint_but_health(self):
+        server = Server("-vv", env={"REXEC_TOKEN": " s3cret-token-77 \n"})
+        self.addCleanup(server.stop)
+        refusal = b"this server wants an 'Authorization: Bearer <token>' header with its token\n"
+        requests = (("POST", "/process", {"alias": "a", "cmd": "true"}), ("GET", "/process", None),
+                    ("DELETE", "/process/a", None), ("GET", "/metrics", None), ("GET", "/nowhere", None))
+        for method, path, body in requests:
+            for auth in (None, "Bearer wrong-token-78", "Basic s3cret-token-77", "s3cret-token-77",
+                         "Bearer s3cret-token-77x", "Bearer"):
+                with self.subTest(method=method, path=path, auth=auth), Conn(server) as conn:
+                    headers = {"Authorization": auth} if auth else {}
+                    response = conn.request(method, path, body, headers=headers)
+                    self.assertEqual((response.status, response.body), (401, refusal))
+                    self.assertEqual(response.headers["www-authenticate"], 'Bearer realm="rexec"')
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+            good = {"Authorization": "Bearer s3cret-token-77"}
+            self.assertEqual(conn.request("GET", "/process", headers=good).status, 200)
+            self.assertEqual(conn.request("GET", "/metrics", headers={"authorization": "bearer s3cret-token-77"}
+                                          ).status, 200)
+            response = conn.request("POST", "/process", {"alias": "a", "cmd": "sh", "stdin": "stdin-secret-79",
+                                                         "envs": {"E": "env-secret-80"},
+                                                         "args": ["-c", 'cat; echo " ${REXEC_TOKEN:-unset} $E"']},
+                                    headers=good)
+            self.assertEqual(response.body, b"stdin-secret-79 unset env-secret-80\n")   # not inherited
+        server.wait_log(r"WARNING auth-failed peer=127\.0\.0\.1\n")
+        server.wait_log(r"TRACE chunk alias=a")
+        log = server.log()
+        for secret in ("s3cret", "wrong-token", "stdin-secret", "env-secret"):
+            self.assertNotIn(secret, log)
+        self.assertEqual(log.count("auth-failed"), 30)
+
+    def test_token_file(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "token")
+        with open(path, "w") as handle:
+            handle.write("  file-token-81  \nsecond-line\n")
+        os.chmod(path, 0o644)
+        server = Server("--token-file", path)
+        self.addCleanup(server.stop)
+        self.assertIn("is readable by group or others; chmod 600 it", server.log())
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/process", headers={"Authorization": "Bearer second-line"}
+                                          ).status, 401)
+            self.assertEqual(conn.request("GET", "/process", headers={"Authorization": "Bearer file-token-81"}
+                                          ).status, 200)
+        os.chmod(path, 0o600)
+        quiet = Server("--token-file", path)
+        self.addCleanup(quiet.stop)
+        self.assertNotIn("chmod", quiet.log())
+        self.assertNotIn("file-token", server.log() + quiet.log())
+
+    def test_bad_token_configurations_exit_2(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        empty = os.path.join(directory, "empty")
+        open(empty, "w").close()
+        for args, env, message in (
+                (["--token-file", empty], {}, "rexec: --token-file holds an empty token\n"),
+                (["--token-file", os.path.join(directory, "none")], {}, "rexec: cannot read --token-file"),
+                (["--no-auth"], {"REXEC_TOKEN": "t"}, "rexec: --no-auth and a token (REXEC_TOKEN) "
+                                                      "contradict each other\n"),
+                ([], {"REXEC_TOKEN": " "}, "rexec: REXEC_TOKEN holds an empty token\n")):
+            result = subprocess.run([sys.executable, REXEC, "-i", "127.0.0.1", "-p", "0"] + args,
+                                    env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    timeout=30)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(message, result.stderr.decode())
+
+    def test_no_auth_warns_when_bound_beyond_loopback(self):
+        server = Server("--no-auth", ip="0.0.0.0")
+        self.addCleanup(server.stop)
+        server.wait_log("WARNING --no-auth: anyone who can reach port %d may run any command" % server.port)
+        self.assertEqual(run(server, {"alias": "a", "cmd": "printf", "args": ["ok"]}).body, b"ok")
+        loopback = Server("--no-auth")
+        self.addCleanup(loopback.stop)
+        self.assertEqual(run(loopback, {"alias": "a", "cmd": "true"}).status, 200)
+        self.assertNotIn("WARNING", loopback.log())
+        protected = Server(ip="0.0.0.0")
+        self.addCleanup(protected.stop)
+        protected.wait_log("protected mode: no token, so only loopback peers are served")
+        self.assertEqual(run(protected, {"alias": "a", "cmd": "printf", "args": ["ok"]}).body, b"ok")
+
+    def test_internal_errors_do_not_log_the_query(self):
+        server = Server("-vv", prelude="rexec.parse_spec = lambda body: 1 / 0")
+        self.addCleanup(server.stop)
+        with Conn(server) as conn:
+            response = conn.request("POST", "/process?token=query-secret-93", {"alias": "a", "cmd": "true"})
+        self.assertEqual(response.status, 500)
+        server.wait_log(r"internal error serving POST /process\n")
+        self.assertNotIn("query-secret", server.log())
+
+    def test_body_read_errors_are_a_disconnect(self):
+        # A reset while the body arrives: no 500, no traceback.
+        with self.server.connect() as sock:
+            sock.sendall(b"POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.assertEqual(run(self.server, {"alias": "a", "cmd": "true"}).status, 200)
+        self.assertNotIn("Traceback", self.server.log())
+        self.assertNotIn("internal error", self.server.log())
+
+
+OPENSSL = shutil.which("openssl")
+
+
+def make_test_pki(directory):
+    """A test CA, a server certificate (localhost, 127.0.0.1) and a client
+    certificate, with the extensions Python 3.13's strict verification wants."""
+    def sh(*args):
+        subprocess.check_call([OPENSSL] + list(args), cwd=directory,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def write(name, text):
+        with open(os.path.join(directory, name), "w") as handle:
+            handle.write(text)
+    write("ca.ext", "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+                    "subjectKeyIdentifier=hash\n")
+    leaf = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+    write("server.ext", leaf + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    write("client.ext", leaf + "extendedKeyUsage=clientAuth\nsubjectAltName=DNS:rexec-client\n")
+    for serial, name in enumerate(("ca", "server", "client"), 1):
+        sh("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=rexec test " + name)
+        signer = (["-signkey", "ca.key"] if name == "ca" else ["-CA", "ca.pem", "-CAkey", "ca.key"])
+        sh("x509", "-req", "-in", name + ".csr", "-out", name + ".pem", "-days", "2",
+           "-set_serial", str(serial), "-extfile", name + ".ext", *signer)
+    return {name: os.path.join(directory, name) for name in
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+class TLSTests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        if OPENSSL is None or rexec.ssl is None:
+            raise unittest.SkipTest("needs the openssl command and the ssl module")
+        cls.directory = tempfile.mkdtemp(prefix="rexec-pki-")
+        cls.pki = make_test_pki(cls.directory)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory, True)
+
+    def start(self, *args):
+        server = Server("--certfile", self.pki["server.pem"], "--keyfile", self.pki["server.key"], *args)
+        self.addCleanup(server.stop)
+        return server
+
+    def tls_conn(self, server, client_cert=True):
+        import ssl
+        context = ssl.create_default_context(cafile=self.pki["ca.pem"])
+        if client_cert:
+            context.load_cert_chain(self.pki["client.pem"], self.pki["client.key"])
+        raw = server.connect()
+        try:
+            return Conn(server, sock=context.wrap_socket(raw, server_hostname="localhost"))
+        except BaseException:
+            raw.close()
+            raise
+
+    def test_https_with_python_and_curl(self):
+        server = self.start()
+        server.wait_log(r"url=https://127\.0\.0\.1:%d/" % server.port)
+        with self.tls_conn(server, client_cert=False) as conn:
+            response = conn.request("POST", "/process", {"alias": "a", "cmd": "printf", "args": ["tls"]})
+            self.assertEqual(response.raw.split(b"\r\n\r\n", 1)[1],
+                             b"3\r\ntls\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n")
+            self.assertEqual(conn.request("GET", "/process").json(), [])   # keep-alive over TLS
+        if CURL:
+            for host in ("127.0.0.1", "localhost"):
+                out = subprocess.check_output(
+                    [CURL, "-sS", "--cacert", self.pki["ca.pem"], "https://%s:%d/process" % (host, server.port),
+                     "-d", '{"alias": "c", "cmd": "printf", "args": ["curl"]}'])
+                self.assertEqual(out, b"curl")
+        # plain HTTP to the TLS port: the handshake fails, the connection ends
+        self.assertNotIn(b"HTTP/1.1 200", raw_exchange(server, b"GET /health HTTP/1.1\r\n\r\n"))
+
+    def test_client_certificates_are_required_with_client_ca(self):
+        import ssl
+        server = self.start("--client-ca", self.pki["ca.pem"])
+        with self.tls_conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        got = b""
+        try:
+            with self.tls_conn(server, client_cert=False) as conn:
+                conn.send("GET", "/health")
+                got = conn.file.read()
+        except (ssl.SSLError, OSError):   # refused in the handshake, or at the first read (TLS 1.3)
+            pass
+        self.assertEqual(got, b"")
+        if CURL:
+            base = [CURL, "-sS", "--cacert", self.pki["ca.pem"], "https://localhost:%d/health" % server.port]
+            self.assertNotEqual(subprocess.call(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), 0)
+            out = subprocess.check_output(base + ["--cert", self.pki["client.pem"], "--key", self.pki["client.key"]])
+            self.assertEqual(out, b"ok\n")
+
+    def test_stalled_clients_do_not_block_others(self):
+        server = self.start()
+        stalled = [server.connect() for _ in range(5)]   # plain TCP, no ClientHello
+        for sock in stalled:
+            self.addCleanup(sock.close)
+        stalled[0].sendall(b"GET /health HTTP/1.1\r\n")   # plain HTTP, half a request
+        with self.tls_conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        self.assertEqual(server.proc.poll(), None)
+
+    def test_silent_child_dies_when_the_tls_client_leaves(self):
+        server = self.start("--grace", "0.5")
+        conn = self.tls_conn(server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", {"alias": "s", "cmd": "sleep", "args": ["300"]})
+        self.assertEqual(conn.head()[0], 200)
+        with self.tls_conn(server) as other:
+            pid = other.request("GET", "/process").json()[0]["pid"]
+        self.assertTrue(pid_alive(pid))
+        conn.close()
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)))
+        server.wait_log(r"end alias=s pid=%d .*reason=disconnect" % pid)
+
+    def test_tls_minimum_version_without_deprecation_warnings(self):
+        import argparse
+        import ssl
+        import warnings
+        options = argparse.Namespace(certfile=self.pki["server.pem"], keyfile=self.pki["server.key"],
+                                     client_ca=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            context = rexec.load_ssl_context(options)
+        if hasattr(ssl, "TLSVersion"):
+            self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+        else:
+            self.assertTrue(context.options & ssl.OP_NO_TLSv1 and context.options & ssl.OP_NO_TLSv1_1)
+
+
+IP = shutil.which("ip")
+REMOTE_CLIENT = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+sock.sendall(sys.stdin.buffer.read())
+while True:
+    data = sock.recv(65536)
+    if not data:
+        break
+    sys.stdout.buffer.write(data)
+"""
+
+
+class NonLoopbackTests(unittest.TestCase):
+    """A real non-loopback peer: a client in a network namespace of its own,
+    joined to this one by a veth pair (needs root and the `ip` command)."""
+
+    def setUp(self):
+        if IP is None or os.geteuid() != 0:
+            self.skipTest("needs root and the ip command for a network namespace")
+        tag = "%05x%03x" % (os.getpid() & 0xfffff, random.randrange(0x1000))
+        self.netns, host_if, peer_if = "rexec-test-" + tag, "rxh" + tag, "rxp" + tag
+        subnet = "10.%d.%d" % (random.randrange(100, 250), random.randrange(256))
+        self.host_ip, self.peer_ip = subnet + ".1", subnet + ".2"
+
+        def ip(*args):
+            return subprocess.run([IP] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = ip("netns", "add", self.netns)
+        if first.returncode != 0:
+            self.skipTest("cannot create a network namespace: %s" % first.stderr.decode().strip())
+        self.addCleanup(ip, "netns", "del", self.netns)
+        self.addCleanup(ip, "link", "del", host_if)   # gone with the namespace, normally
+        in_ns = ("netns", "exec", self.netns, IP)
+        for args in (("link", "add", host_if, "type", "veth", "peer", "name", peer_if),
+                     ("link", "set", peer_if, "netns", self.netns),
+                     ("addr", "add", self.host_ip + "/30", "dev", host_if),
+                     ("link", "set", host_if, "up"),
+                     in_ns + ("addr", "add", self.peer_ip + "/30", "dev", peer_if),
+                     in_ns + ("link", "set", peer_if, "up"),
+                     in_ns + ("link", "set", "lo", "up")):
+            result = ip(*args)
+            if result.returncode != 0:
+                self.skipTest("cannot set up the veth pair: %s" % result.stderr.decode().strip())
+
+    def start(self, *args, env=None):
+        server = Server(*args, env=env, ip="0.0.0.0")
+        self.addCleanup(server.stop)
+        return server
+
+    def remote(self, server, method, path, body=None, headers=()):
+        """One request from the peer in the namespace; the raw response."""
+        # no half-close: that would end a stream; the server closes after one response instead
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s:%d" % (self.host_ip, server.port),
+                 "Connection: close"]
+        lines += ["%s: %s" % header for header in headers]
+        body = json.dumps(body).encode() if body is not None else b""
+        if body:
+            lines.append("Content-Length: %d" % len(body))
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        result = subprocess.run([IP, "netns", "exec", self.netns, sys.executable, "-c", REMOTE_CLIENT,
+                                 self.host_ip, str(server.port)],
+                                input=request, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def test_protected_mode_refuses_other_peers(self):
+        server = self.start()
+        raw = self.remote(server, "POST", "/process", {"alias": "a", "cmd": "true"})
+        self.assertTrue(raw.startswith(b"HTTP/1.1 403 "), raw)
+        self.assertTrue(raw.endswith(b"\r\n\r\nrexec serves only loopback peers until it has a token: "
+                                     b"start it with REXEC_TOKEN or --token-file (or --no-auth)\n"), raw)
+        for path in ("/process", "/metrics"):
+            self.assertTrue(self.remote(server, "GET", path).startswith(b"HTTP/1.1 403 "))
+        self.assertTrue(self.remote(server, "GET", "/health").endswith(b"\r\n\r\nok\n"))
+        self.assertNotIn("start alias=", server.log())
+        self.assertEqual(run(server, {"alias": "a", "cmd": "printf", "args": ["local"]}).body, b"local")
+        server.wait_log(r"access peer=%s method=POST path=/process status=403" % re.escape(self.peer_ip))
+
+    def test_token_lets_other_peers_in(self):
+        server = self.start(env={"REXEC_TOKEN": "remote-tok-91"})
+        spec = {"alias": "r", "cmd": "printf", "args": ["remote"]}
+        raw = self.remote(server, "POST", "/process", spec)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw)
+        self.assertIn(b'\r\nWWW-Authenticate: Bearer realm="rexec"\r\n', raw)
+        raw = self.remote(server, "POST", "/process", spec, [("Authorization", "Bearer remote-tok-91")])
+        self.assertTrue(raw.endswith(b"\r\n\r\n6\r\nremote\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n"),
+                        raw)
+        # the token is wanted from loopback peers too
+        self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 401)
+        server.wait_log(r"WARNING auth-failed peer=%s\n" % re.escape(self.peer_ip))
+        self.assertNotIn("remote-tok", server.log())
+
+    def test_no_auth_serves_other_peers_and_warns(self):
+        server = self.start("--no-auth")
+        server.wait_log("WARNING --no-auth: anyone who can reach port")
+        raw = self.remote(server, "POST", "/process", {"alias": "r", "cmd": "printf", "args": ["open"]})
+        self.assertTrue(raw.endswith(b"\r\n\r\n4\r\nopen\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n"),
+                        raw)
+
+
+class FuzzTests(ServerTestCase):
+    """Malformed requests at a real server: each gets a 4xx (or the standard
+    refusals of a method/path, 501, or HTTP version, 505, it does not serve) or
+    a closed connection, and the server goes on.
+    REXEC_FUZZ_SEED repeats a run, REXEC_FUZZ_COUNT sets its size."""
+
+    BUDGET = 5.0   # seconds; the count is the bound that matters on a fast machine
+
+    def valid_body(self, rng):
+        return {"alias": "fz%d" % rng.randrange(1000), "cmd": "true", "args": ["x"]}
+
+    @staticmethod
+    def without(spec, field):
+        del spec[field]
+        return spec
+
+    def wrong_json(self, rng):
+        """A body that is JSON (or nearly) but never a valid spec."""
+        shapes = [
+            lambda: [self.valid_body(rng)], lambda: "text", lambda: 5, lambda: None, lambda: True,
+            lambda: [], lambda: 1.5e300,
+            lambda: dict(self.valid_body(rng), alias=rng.choice([1, None, [], {}, "", True])),
+            lambda: dict(self.valid_body(rng), cmd=rng.choice([1, None, ["true"], {}, "", "a\0b"])),
+            lambda: dict(self.valid_body(rng), args=rng.choice(["x", [1], [None], {"a": "b"}, [["x"]]])),
+            lambda: dict(self.valid_body(rng), envs=rng.choice([[], "A=B", {"A": 1}, {"": "x"}, {"A=B": "x"},
+                                                                {"A": None}])),
+            lambda: dict(self.valid_body(rng), timeout=rng.choice([0, -1, "5", True, [], 1e308, -1e-9])),
+            lambda: dict(self.valid_body(rng), stdin=rng.choice([5, [], {}, False])),
+            lambda: dict(self.valid_body(rng), stderr=rng.choice(["stdout", None, 1, ""])),
+            lambda: dict(self.valid_body(rng), tty=rng.choice(["yes", 1, 0, None])),
+            lambda: dict(self.valid_body(rng), cwd=rng.choice([5, "", None, []])),
+            lambda: dict(self.valid_body(rng), **{rng.choice(["timout", "Alias", "x", ""]): 1}),
+            lambda: self.without(self.valid_body(rng), rng.choice(["alias", "cmd"])),
+        ]
+        body = json.dumps(rng.choice(shapes)()).encode()
+        mangle = rng.randrange(6)
+        if mangle == 0:
+            return b"[" * rng.randrange(30, 5000) + body
+        if mangle == 1:
+            return body + b"\xff"
+        return body
+
+    def case(self, rng):
+        """One malformed request as bytes."""
+        kind = rng.randrange(9)
+        host = b"Host: localhost\r\n"
+        if kind == 0:   # random bytes
+            return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        if kind == 1:   # a broken request line
+            line = rng.choice([b"POST", b"POST /process", b"POST /process HTTP/9.9", b"POST /process HTTP/1.1 x",
+                               b"\x00 / HTTP/1.1", b"POST  HTTP/1.1", b"GET /process HTTP/1.x",
+                               b"GET /process HTTP/", b"GET /process http/1.1", b"GET /process HTTP/1.1.1",
+                               b"GET /process HTTP/1.1 HTTP/1.1", b"GET /pro cess HTTP/1.1",
+                               b"GET /" + b"a" * 70000 + b" HTTP/1.1", b"\r\n\r\nGET /x HTTP/1.1"])
+            return line + b"\r\n" + host + b"\r\n"
+        if kind == 2:   # too many or too long headers
+            if rng.random() < 0.5:
+                headers = b"".join(b"X-%d: y\r\n" % i for i in range(rng.randrange(101, 300)))
+            else:
+                headers = b"X: " + b"y" * rng.randrange(65537, 70000) + b"\r\n"
+            return b"GET /process HTTP/1.1\r\n" + host + headers + b"\r\n"
+        if kind == 3:   # malformed header lines
+            bad = rng.choice([b"no colon", b" leading: space", b"Content-Length : 5", b": empty name",
+                              b"X: \x00\x01", b"Host: a\r\nHost: b", b"Origin: http://evil",
+                              b"Host: rebind.example"])
+            return b"POST /process HTTP/1.1\r\n" + host + bad + b"\r\nContent-Length: 2\r\n\r\n{}"
+        body = json.dumps(self.valid_body(rng)).encode()
+        if kind == 4:   # bad or conflicting Content-Length
+            values = rng.choice([[b"+%d" % len(body)], [b"-1"], [b"%d" % len(body), b"%d" % (len(body) + 1)],
+                                 [b"%d" % len(body)] * 2, [b"1_0"], [b"0x10"], [b"9" * 30], [b""],
+                                 [("\u0661" * 2).encode()]])
+            head = b"".join(b"Content-Length: %s\r\n" % v for v in values)
+            return b"POST /process HTTP/1.1\r\n" + host + head + b"\r\n" + body
+        if kind == 5:   # a length that is not the body's, or a truncated body
+            length = rng.choice([len(body) + rng.randrange(1, 1000), rng.randrange(1, len(body))])
+            if length < len(body):   # a strict prefix of an object is never JSON
+                body = body[:length] + b"garbage"
+            return b"POST /process HTTP/1.1\r\n" + host + b"Content-Length: %d\r\n\r\n" % length + body
+        if kind == 6:   # chunked, or chunked and a length
+            extra = rng.choice([b"", b"Content-Length: %d\r\n" % len(body)])
+            return (b"POST /process HTTP/1.1\r\n" + host + b"Transfer-Encoding: chunked\r\n" + extra +
+                    b"\r\n%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        if kind == 7:   # HTTP/0.9 or too big
+            if rng.random() < 0.5:
+                return rng.choice([b"GET /process\r\n", b"GET /health\r\n", b"POST /process\r\n"])
+            return b"POST /process HTTP/1.1\r\n" + host + b"Content-Length: %d\r\n\r\n" % (rexec.MAX_BODY + 1)
+        wrong = self.wrong_json(rng)   # JSON of every wrong shape
+        return b"POST /process HTTP/1.1\r\n" + host + b"Content-Length: %d\r\n\r\n" % len(wrong) + wrong
+
+    def test_malformed_requests(self):
+        seed = int(os.environ.get("REXEC_FUZZ_SEED") or random.randrange(1 << 32))
+        count = int(os.environ.get("REXEC_FUZZ_COUNT", "400"))
+        print("\nfuzz seed %d (REXEC_FUZZ_SEED=%d repeats it)" % (seed, seed), file=sys.stderr)
+        rng = random.Random(seed)
+        deadline = time.monotonic() + self.BUDGET
+        status_line = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+        done = 0
+        while done < count and time.monotonic() < deadline:
+            request = self.case(rng)
+            raw = raw_exchange(self.server, request)
+            done += 1
+            if raw:
+                match = status_line.match(raw)
+                self.assertIsNotNone(match, "seed %d, %r -> %r" % (seed, request[:200], raw[:200]))
+                status = int(match.group(1))
+                self.assertTrue(400 <= status < 500 or status in (501, 505),
+                                "seed %d, %r -> %r" % (seed, request[:200], raw[:300]))
+        print("fuzz: %d requests" % done, file=sys.stderr)
+        self.assertGreater(done, 0)
+        self.assertIsNone(self.server.proc.poll())
+        self.assertEqual(run(self.server, {"alias": "after", "cmd": "printf", "args": ["fine"]}).body, b"fine")
+        self.assertEqual(self.ps(), [])
+        log = self.server.log()
+        self.assertNotIn("start alias=fz", log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("internal error", log)
 
 
 if __name__ == "__main__":
