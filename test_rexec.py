@@ -1097,8 +1097,12 @@ class SecurityTests(ServerTestCase):
             raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
             with self.subTest(host=host):
                 self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
-        # HTTP/1.0 clients may leave Host out; with a token any Host will do.
+        # HTTP/1.0 clients may leave Host out; with --no-auth or a token any Host will do.
         self.assertTrue(raw_exchange(self.server, b"GET /process HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 "))
+        server = Server("--no-auth")
+        self.addCleanup(server.stop)
+        raw = raw_exchange(server, b"GET /process HTTP/1.1\r\nHost: web1:8910\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
         server = Server(env={"REXEC_TOKEN": "tok"})
         self.addCleanup(server.stop)
         raw = raw_exchange(server, b"GET /process HTTP/1.1\r\nHost: evil.example\r\n"
