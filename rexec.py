@@ -1625,10 +1625,12 @@ def run_everywhere(options):
     if options.verbose and not options.alias:
         say("alias %s" % spec["alias"])
     for field, value in (("cwd", options.cwd), ("envs", dict(options.env)),
-                         ("timeout", options.timeout), ("stdin", options.stdin_text),
-                         ("stderr", options.stderr), ("tty", options.tty)):
+                         ("stdin", options.stdin_text), ("stderr", options.stderr),
+                         ("tty", options.tty)):
         if value:
             spec[field] = value
+    if options.timeout is not None:   # 0 too: the server says why it refuses it
+        spec["timeout"] = options.timeout
     if len(options.url) == 1:
         return run_reporting(options.url[0], spec, options, lambda data: write_fd(1, data))
     statuses = [EXIT_LOST] * len(options.url)
