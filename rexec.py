@@ -1452,6 +1452,8 @@ EXIT_CANNOT_START = 127      # as a shell: the command cannot start (404)
 EXIT_LOST = 255              # as ssh: the stream broke off before its last chunk
 MAX_LINE = 64 * 1024         # a chunk-size or trailer line longer than this is garbage
 OUTPUT_LOCK = threading.Lock()   # one host's lines at a time on stdout
+# Python 3.6 reports a host name its certificate does not match as a ValueError.
+CertificateError = getattr(ssl, "CertificateError", OSError)
 
 
 class ClientError(Exception):
@@ -1549,7 +1551,7 @@ def request(url, options, method, path, body=None):
         conn.request(method, parts.path.rstrip("/") + path, body, headers)
         response = conn.getresponse()
         sock.settimeout(None)   # the process may be silent for as long as it likes
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, CertificateError) as exc:
         conn.close()
         raise ClientError(EXIT_REFUSED, "no answer: %s" % describe_error(exc))
     return conn, response

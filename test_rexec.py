@@ -1242,6 +1242,10 @@ class ClientTests(ServerTestCase):
         status, _, err = self.client("run", "--url", url, "--", "true")   # an unknown CA
         self.assertEqual(status, 125)
         self.assertOneLine(err, "CERTIFICATE_VERIFY_FAILED")
+        status, _, err = self.client("run", "--url", "https://localhost:%d" % server.port,
+                                     *mutual + ["--", "true"])   # not the name in its certificate
+        self.assertEqual(status, 125)
+        self.assertOneLine(err, "localhost")
 
     def test_bad_arguments_exit_2_with_one_line(self):
         for args in (["run"], ["run", "--url", "ftp://x", "--", "true"], ["run", "-e", "NOEQ", "--", "true"],
