@@ -1445,7 +1445,7 @@ def serve(argv):
 # --------------------------------------------------------------------------
 
 DEFAULT_URL = "http://127.0.0.1:%d" % DEFAULT_PORT
-CONNECT_TIMEOUT = 30.0       # seconds to connect and get an answer's head; a stream may idle forever
+CONNECT_TIMEOUT = 30.0       # to connect and get an answer's head; a stream may then idle forever
 EXIT_USAGE = 2               # a bad argument, file or stdin: nothing was sent
 EXIT_REFUSED = 125           # as docker run: the server refused, or none answered
 EXIT_CANNOT_START = 127      # as a shell: the command cannot start (404)
@@ -1689,8 +1689,8 @@ def kill_process(options):
             raise refusal(response, 1)
         if response.status != HTTPStatus.OK:
             raise refusal(response)
-        if options.verbose:
-            say("%s: %s" % (options.url, response.read(MAX_LINE).decode("utf-8", "replace").strip()))
+        if options.verbose:   # {"alias": ..., "exit_code": ...}
+            say("%s: %s" % (options.url, response.read(MAX_LINE).decode("utf-8", "replace")))
     return 0
 
 
@@ -1717,21 +1717,24 @@ def client_arguments():
     common = ArgumentParser(add_help=False)
     common.add_argument("-v", dest="verbose", action="store_true",
                         help="say the alias, and how the process ended, on stderr")
-    common.add_argument("--token-file", help="file whose first line is the token (or REXEC_TOKEN)")
-    common.add_argument("--cacert", help="PEM CA bundle to verify an https:// server with")
-    common.add_argument("--cert", help="PEM client certificate, for mutual TLS")
-    common.add_argument("--key", help="PEM private key for --cert")
+    common.add_argument("--token-file", metavar="FILE",
+                        help="file whose first line is the token (else $REXEC_TOKEN)")
+    common.add_argument("--cacert", metavar="FILE",
+                        help="PEM CA bundle to verify an https:// server with")
+    common.add_argument("--cert", metavar="FILE", help="PEM client certificate, for mutual TLS")
+    common.add_argument("--key", metavar="FILE", help="PEM private key for --cert")
     url_help = "server (default $REXEC_URL, else %s)" % DEFAULT_URL
     run = commands.add_parser("run", parents=[common], help="run a command, stream its stdout",
                               usage="rexec run [options] -- CMD [ARG...]")
     run.add_argument("--url", action="append", type=server_url,
                      help=url_help + "; repeat to run on several at once")
-    run.add_argument("--alias", help="the process's name there (default: CMD-random)")
-    run.add_argument("--cwd", help="working directory there")
+    run.add_argument("--alias", metavar="A", help="the process's name there (default: CMD-random)")
+    run.add_argument("--cwd", metavar="DIR", help="working directory there")
     run.add_argument("-e", dest="env", action="append", type=env_pair, default=[],
                      metavar="KEY=VALUE", help="add to its environment (repeatable)")
-    run.add_argument("--timeout", type=seconds, help="seconds until it is ended")
-    run.add_argument("--stdin", action="store_true", help="send our stdin (UTF-8 text, read to end)")
+    run.add_argument("--timeout", type=seconds, metavar="S", help="seconds until it is ended")
+    run.add_argument("--stdin", action="store_true",
+                     help="send our stdin (UTF-8 text, read to its end)")
     run.add_argument("--stderr", choices=("merge", "discard"),
                      help="its stderr into the stream, or nowhere (default: the server's stderr)")
     run.add_argument("--tty", action="store_true", help="run it on a pseudo-terminal")
