@@ -28,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import hmac
+import http.client
 import http.server
 import io
 import ipaddress
@@ -39,6 +40,7 @@ import pty
 import re
 import resource
 import selectors
+import shlex
 import signal
 import socket
 import socketserver
@@ -1527,16 +1529,394 @@ def _write_quietly(fd, data):
         pass
 
 
+# --------------------------------------------------------------------------
+# Client: rexec.py run | ps | kill
+# --------------------------------------------------------------------------
+
+DEFAULT_URL = "http://127.0.0.1:%d" % DEFAULT_PORT
+CONNECT_TIMEOUT = 30.0       # to connect and get an answer's head; a stream may then idle forever
+EXIT_USAGE = 2               # a bad argument, file or stdin: nothing was sent
+EXIT_REFUSED = 125           # as docker run: the server refused, or none answered
+EXIT_CANNOT_START = 127      # as a shell: the command cannot start (404)
+EXIT_LOST = 255              # as ssh: the stream broke off before its last chunk
+MAX_LINE = 64 * 1024         # a chunk-size or trailer line longer than this is garbage
+OUTPUT_LOCK = threading.Lock()   # one host's lines at a time on stdout
+# Python 3.6 reports a host name its certificate does not match as a ValueError.
+CertificateError = getattr(ssl, "CertificateError", OSError)
+
+
+class ClientError(Exception):
+    """The client cannot go on: `status` is its exit status, the message one line."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; a BaseException, so no `except Exception` stops it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def write_fd(fd, data):
+    """All of `data` straight to `fd`: nothing to flush, and no buffer lock that a
+    daemon thread could still hold when the interpreter exits."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def say(message):
+    write_fd(2, ("rexec: %s\n" % message).encode("utf-8", "replace"))
+
+
+def describe_error(exc):
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+# -- the chunked stream, read here because http.client discards trailers ----
+
+def read_line(fp):
+    line = fp.readline(MAX_LINE)
+    if not line.endswith(b"\n"):
+        raise ClientError(EXIT_LOST, "the stream broke off before its end" if len(line) < MAX_LINE
+                          else "the stream is not chunked framing")
+    return line
+
+
+def copy_chunks(fp, write):
+    """Pass the data of the chunked body on `fp` to write() as it arrives; return the
+    trailers, names lower-cased.  ClientError(EXIT_LOST) if it breaks off or is garbled."""
+    while True:
+        size = read_line(fp).split(b";", 1)[0].strip()   # chunk extensions are ignored
+        if not re.match(rb"\A[0-9A-Fa-f]{1,15}\Z", size):
+            raise ClientError(EXIT_LOST, "bad chunk size %r in the stream" % size[:20])
+        left = int(size, 16)
+        if not left:
+            break
+        while left:
+            data = fp.read1(min(left, READ_SIZE))   # a large chunk goes out as it comes in
+            if not data:
+                raise ClientError(EXIT_LOST, "the stream broke off in a chunk")
+            write(data)
+            left -= len(data)
+        if read_line(fp).strip():
+            raise ClientError(EXIT_LOST, "a chunk is longer than its size says")
+    trailers = {}
+    while True:
+        line = read_line(fp).decode("latin-1").strip()
+        if not line:
+            return trailers
+        name, _, value = line.partition(":")
+        trailers[name.strip().lower()] = value.strip()
+
+
+# -- talking to a server ---------------------------------------------------
+
+def request(url, options, method, path, body=None):
+    """Send one request; return (connection, response) once the answer's head is in.
+    ClientError(EXIT_REFUSED) when no server answers."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        if ssl is None:
+            raise ClientError(EXIT_USAGE, "this Python has no ssl module")
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=CONNECT_TIMEOUT,
+                                           context=options.ssl_context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=CONNECT_TIMEOUT)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if options.token:
+        headers["Authorization"] = "Bearer " + options.token
+    try:
+        conn.connect()
+        sock = conn.sock
+        conn.request(method, parts.path.rstrip("/") + path, body, headers)
+        response = conn.getresponse()
+        sock.settimeout(None)   # the process may be silent for as long as it likes
+    except (OSError, http.client.HTTPException, CertificateError) as exc:
+        conn.close()
+        raise ClientError(EXIT_REFUSED, "no answer: %s" % describe_error(exc))
+    return conn, response
+
+
+def refusal(response, status=EXIT_REFUSED):
+    """ClientError for an answer other than 200, with the server's one-line message."""
+    lines = response.read(MAX_LINE).decode("utf-8", "replace").strip().splitlines()
+    return ClientError(status, "%d %s" % (response.status, lines[0] if lines else response.reason))
+
+
+def run_on(url, spec, options, write):
+    """Run `spec` on one server, its output to write(); return the local exit status."""
+    conn, response = request(url, options, "POST", "/process", json.dumps(spec).encode("utf-8"))
+    with contextlib.closing(conn), contextlib.closing(response):  # closing ends the remote group
+        if response.status != HTTPStatus.OK:
+            raise refusal(response, EXIT_CANNOT_START if response.status == HTTPStatus.NOT_FOUND
+                          else EXIT_REFUSED)
+        if not response.chunked:
+            raise ClientError(EXIT_LOST, "the answer is not a chunked stream")
+        trailers = copy_chunks(response.fp, write)
+    code, reason = trailers.get("rexec-exit-code", ""), trailers.get("rexec-reason", "?")
+    if not re.match(r"\A-?\d+\Z", code):
+        raise ClientError(EXIT_LOST, "the stream ended without an exit code")
+    if options.verbose:
+        say("%s: %s ended: exit code %s, reason %s" % (url, spec["alias"], code, reason))
+    return 128 - int(code) if int(code) < 0 else int(code)   # signal N: 128+N, as a shell says
+
+
+def run_reporting(url, spec, options, write):
+    """run_on(), any failure said in one line; returns the exit status."""
+    try:
+        return run_on(url, spec, options, write)
+    except ClientError as exc:
+        say("%s: %s" % (url, exc))
+        return exc.status
+    except BrokenPipeError:   # our stdout is gone (`| head`): stop quietly, as cat does
+        return 128 + signal.SIGPIPE
+
+
+class PrefixedLines:
+    """One host's output when there are several: whole lines only, each one
+    prefixed with `host:port: `, so lines of different hosts never mix."""
+
+    def __init__(self, url):
+        parts = urllib.parse.urlsplit(url)
+        host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = ("%s:%d: " % (host, port)).encode("utf-8")
+        self.partial = b""
+
+    def write(self, data):
+        lines, newline, self.partial = (self.partial + data).rpartition(b"\n")
+        if newline:
+            self._emit(lines)
+
+    def close(self):
+        """Write a last line that has no newline, with one."""
+        if self.partial:
+            self._emit(self.partial)
+            self.partial = b""
+
+    def _emit(self, text):
+        with OUTPUT_LOCK:
+            write_fd(1, self.prefix + text.replace(b"\n", b"\n" + self.prefix) + b"\n")
+
+
+def run_everywhere(options):
+    """Run on every --url at once; the highest exit status is the result."""
+    spec = {"alias": options.alias or "%s-%s" % (os.path.basename(options.cmd)[:40] or "run",
+                                                  os.urandom(4).hex()),
+            "cmd": options.cmd, "args": options.args}
+    if options.verbose and not options.alias:
+        say("alias %s" % spec["alias"])
+    for field, value in (("cwd", options.cwd), ("envs", dict(options.env)),
+                         ("stdin", options.stdin_text), ("stderr", options.stderr),
+                         ("tty", options.tty)):
+        if value:
+            spec[field] = value
+    if options.timeout is not None:   # 0 too: the server says why it refuses it
+        spec["timeout"] = options.timeout
+    if len(options.url) == 1:
+        return run_reporting(options.url[0], spec, options, lambda data: write_fd(1, data))
+    statuses = [EXIT_LOST] * len(options.url)
+
+    def run_one(index, url):
+        lines = PrefixedLines(url)
+        statuses[index] = run_reporting(url, spec, options, lines.write)
+        with contextlib.suppress(BrokenPipeError):
+            lines.close()
+
+    threads = [threading.Thread(target=run_one, args=item, daemon=True)
+               for item in enumerate(options.url)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()   # a signal still interrupts this wait
+    return max(statuses)
+
+
+def list_processes(options):
+    """ps: a table of what runs on the server."""
+    conn, response = request(options.url, options, "GET", "/process")
+    with contextlib.closing(conn), contextlib.closing(response):
+        if response.status != HTTPStatus.OK:
+            raise refusal(response)
+        try:
+            now = time.time()
+            rows = [(p["alias"], str(p["pid"]), format_age(now - p["started"]),
+                     " ".join(shlex.quote(word) for word in [p["cmd"]] + p["args"]))
+                    for p in json.loads(response.read().decode("utf-8"))]
+        except (ValueError, KeyError, TypeError):
+            raise ClientError(EXIT_REFUSED, "the answer is not a list of processes")
+    rows.insert(0, ("ALIAS", "PID", "AGE", "COMMAND"))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    table = "".join("  ".join([cell.ljust(width) for cell, width in zip(row, widths)]
+                              + [row[3]]) + "\n" for row in rows)
+    write_fd(1, table.encode("utf-8", "replace"))
+    return 0
+
+
+def format_age(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % max(0, seconds)
+
+
+def kill_process(options):
+    """kill: end one process; 0 if it was running, 1 if not."""
+    path = "/process/" + urllib.parse.quote(options.alias, safe="")
+    conn, response = request(options.url, options, "DELETE", path)
+    with contextlib.closing(conn), contextlib.closing(response):
+        if response.status == HTTPStatus.NOT_FOUND:
+            raise refusal(response, 1)
+        if response.status != HTTPStatus.OK:
+            raise refusal(response)
+        if options.verbose:   # {"alias": ..., "exit_code": ...}
+            say("%s: %s" % (options.url, response.read(MAX_LINE).decode("utf-8", "replace")))
+    return 0
+
+
+# -- command line ----------------------------------------------------------
+
+def server_url(text):
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
+        raise ValueError(text)
+    return text
+
+
+def env_pair(text):
+    name, equals, value = text.partition("=")
+    if not name or not equals:
+        raise ValueError(text)
+    return name, value
+
+
+def client_arguments():
+    parser = ArgumentParser(prog="rexec", description="The rexec client: run a command on "
+                            "rexec servers, list or end what runs there.")
+    commands = parser.add_subparsers(dest="command")
+    common = ArgumentParser(add_help=False)
+    common.add_argument("-v", dest="verbose", action="store_true",
+                        help="say the alias, and how the process ended, on stderr")
+    common.add_argument("--token-file", metavar="FILE",
+                        help="file whose first line is the token (else $REXEC_TOKEN)")
+    common.add_argument("--cacert", metavar="FILE",
+                        help="PEM CA bundle to verify an https:// server with")
+    common.add_argument("--cert", metavar="FILE", help="PEM client certificate, for mutual TLS")
+    common.add_argument("--key", metavar="FILE", help="PEM private key for --cert")
+    url_help = "server (default $REXEC_URL, else %s)" % DEFAULT_URL
+    run = commands.add_parser("run", parents=[common], help="run a command, stream its stdout",
+                              usage="rexec run [options] -- CMD [ARG...]")
+    run.add_argument("--url", action="append", type=server_url,
+                     help=url_help + "; repeat to run on several at once")
+    run.add_argument("--alias", metavar="A", help="the process's name there (default: CMD-random)")
+    run.add_argument("--cwd", metavar="DIR", help="working directory there")
+    run.add_argument("-e", dest="env", action="append", type=env_pair, default=[],
+                     metavar="KEY=VALUE", help="add to its environment (repeatable)")
+    run.add_argument("--timeout", type=seconds, metavar="S", help="seconds until it is ended")
+    run.add_argument("--stdin", action="store_true",
+                     help="send our stdin (UTF-8 text, read to its end)")
+    run.add_argument("--stderr", choices=("merge", "discard"),
+                     help="its stderr into the stream, or nowhere (default: the server's stderr)")
+    run.add_argument("--tty", action="store_true", help="run it on a pseudo-terminal")
+    run.add_argument("cmd", metavar="CMD")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
+    ps = commands.add_parser("ps", parents=[common], help="list the running processes")
+    kill = commands.add_parser("kill", parents=[common], help="end one process: 0 if it ran")
+    for sub in (ps, kill):
+        sub.add_argument("--url", type=server_url, help=url_help)
+    kill.add_argument("alias")
+    return parser
+
+
+def client_options(argv):
+    """Parsed arguments, with token, TLS context and stdin loaded; ClientError(EXIT_USAGE)."""
+    parser = client_arguments()
+    options = parser.parse_args(argv)
+    default = os.environ.get("REXEC_URL", DEFAULT_URL)
+    try:
+        server_url(default)
+    except ValueError:
+        parser.error("REXEC_URL is not an http:// or https:// URL: %r" % default)
+    if options.command == "run":
+        options.url = options.url or [default]
+    else:
+        options.url = options.url or default
+    urls = options.url if options.command == "run" else [options.url]
+    options.token = client_token(options)
+    options.ssl_context = None
+    if ssl is not None and any(url.startswith("https") for url in urls):
+        options.ssl_context = client_ssl_context(options)
+    options.stdin_text = None
+    if getattr(options, "stdin", False):
+        try:
+            options.stdin_text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ClientError(EXIT_USAGE, "--stdin takes UTF-8 text only (it travels as a "
+                                          "JSON string), and this input is not")
+    return options
+
+
+def client_token(options):
+    if options.token_file:
+        try:
+            with open(options.token_file, encoding="utf-8") as handle:
+                token = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientError(EXIT_USAGE, "cannot read --token-file: %s" % describe_error(exc))
+    else:
+        token = os.environ.get("REXEC_TOKEN", "").strip()
+    try:
+        token.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ClientError(EXIT_USAGE, "the token must be ASCII or Latin-1 text")
+    return token or None
+
+
+def client_ssl_context(options):
+    if options.key and not options.cert:
+        raise ClientError(EXIT_USAGE, "--key needs --cert")
+    try:
+        context = ssl.create_default_context(cafile=options.cacert)
+        if options.cert:
+            context.load_cert_chain(options.cert, options.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientError(EXIT_USAGE, "cannot load the TLS files: %s" % describe_error(exc))
+    return context
+
+
+def client_main(argv):
+    """rexec.py run|ps|kill ...; returns the exit status (see README, Client)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_interrupted)
+    try:
+        options = client_options(argv)
+        if options.command == "run":
+            return run_everywhere(options)
+        try:
+            return {"ps": list_processes, "kill": kill_process}[options.command](options)
+        except ClientError as exc:
+            raise ClientError(exc.status, "%s: %s" % (options.url, exc))
+    except ClientError as exc:
+        say(exc)
+        return exc.status
+    except Interrupted as exc:   # unwinding closed the connection: the remote group ends
+        return 128 + exc.signum
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in ("run", "ps", "kill"):
         return client_main(argv)
     return serve(argv)
-
-
-def client_main(argv):
-    print("rexec: the client is not built yet", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -1712,6 +1712,250 @@ class FuzzTests(ServerTestCase):
         self.assertNotIn("internal error", log)
 
 
+# --------------------------------------------------------------------------
+# Issue 5: the client
+# --------------------------------------------------------------------------
+
+def closed_port():
+    """A loopback port that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_certificates(directory):
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate, by
+    the openssl CLI (Python 3.13 verifies strictly: critical CA extensions, key ids)."""
+    def openssl(*args):
+        subprocess.check_call(["openssl"] + list(args), cwd=directory,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=rexec test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+        with open(os.path.join(directory, name + ".ext"), "w") as handle:
+            handle.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                         "keyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n"
+                         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" % usage)
+        openssl("req", *key, "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=127.0.0.1")
+        openssl("x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", name + ".ext", "-out", name + ".pem")
+
+
+class ClientTests(ServerTestCase):
+    """rexec.py run|ps|kill as a child process against real servers."""
+
+    server_args = ("--grace", "0.5")
+    server_env = {"CODE": "3"}
+
+    def tmpdir(self):
+        directory = tempfile.mkdtemp(prefix="rexec-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
+    def client_env(self, env):
+        full = dict(os.environ)
+        for name in ("REXEC_TOKEN", "REXEC_URL"):
+            full.pop(name, None)
+        full.update(env or {})
+        return full
+
+    def client(self, *args, stdin=b"", env=None):
+        """Run the client to its end: (exit status, stdout bytes, stderr text)."""
+        proc = subprocess.Popen([sys.executable, REXEC] + list(args), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.client_env(env))
+        out, err = proc.communicate(stdin, timeout=60)
+        return proc.returncode, out, err.decode("utf-8", "replace")
+
+    def run_here(self, *command, options=(), **kw):
+        return self.client("run", "--url", self.server.url, *(list(options) + ["--"] + list(command)), **kw)
+
+    def start_client(self, *command, options=(), url=None):
+        """A client left running; stdout is a pipe to read its progress from."""
+        proc = subprocess.Popen([sys.executable, REXEC, "run", "--url", url or self.server.url]
+                                + list(options) + ["--"] + list(command),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.client_env(None))
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(),
+                                 proc.stdout.close(), proc.stderr.close()))
+        return proc
+
+    def running_pid(self, alias):
+        found = []
+        self.assertTrue(wait_for(lambda: found.extend(p["pid"] for p in self.ps()
+                                                      if p["alias"] == alias and p["pid"]) or found))
+        return found[0]
+
+    def assertOneLine(self, err, fragment):
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn(fragment, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_output_and_exit_codes(self):
+        self.assertEqual(self.run_here("sh", "-c", "echo hello; printf world"), (0, b"hello\nworld", ""))
+        self.assertEqual(self.run_here("sh", "-c", "printf out; exit 4"), (4, b"out", ""))
+        self.assertEqual(self.run_here("sh", "-c", "kill -TERM $$")[0], 143)
+
+    def test_missing_command_is_127(self):
+        status, out, err = self.run_here("no-such-command-here")
+        self.assertEqual((status, out), (127, b""))
+        self.assertOneLine(err, "404 cannot start 'no-such-command-here'")
+
+    def test_refusals_and_no_server_are_125(self):
+        LifetimeTests.start_stream(self, {"alias": "busy", "cmd": "sleep", "args": ["300"]})
+        status, out, err = self.run_here("true", options=["--alias", "busy"])
+        self.assertEqual((status, out), (125, b""))
+        self.assertOneLine(err, "409 alias 'busy' is already running")
+        status, out, err = self.run_here("true", options=["--timeout", "0"])
+        self.assertEqual(status, 125)
+        self.assertOneLine(err, "400 field 'timeout'")
+        status, out, err = self.client("run", "--url", "http://127.0.0.1:%d" % closed_port(), "--", "true")
+        self.assertEqual((status, out), (125, b""))
+        self.assertOneLine(err, "Connection refused")
+
+    def test_binary_output_is_byte_exact(self):
+        data = bytes(range(256)) * 4000 + b"\r\n0\r\n\r\n\x00no newline"
+        path = os.path.join(self.tmpdir(), "blob")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        self.assertEqual(self.run_here("cat", path), (0, data, ""))
+
+    def test_stdin(self):
+        self.assertEqual(self.run_here("sort", options=["--stdin"], stdin=b"b\n\xc3\xa9\na\n"),
+                         (0, b"a\nb\n\xc3\xa9\n", ""))
+        status, out, err = self.run_here("cat", options=["--stdin"], stdin=b"\xff\xfe")
+        self.assertEqual(status, 2)
+        self.assertOneLine(err, "UTF-8")
+        self.assertEqual(self.run_here("cat", stdin=b"not sent"), (0, b"", ""))
+
+    def test_env_cwd_stderr_tty_timeout(self):
+        directory = os.path.realpath(self.tmpdir())
+        self.assertEqual(self.run_here("sh", "-c", 'echo "$A $B"; pwd', options=[
+            "-e", "A=1", "-e", "B=x=y", "--cwd", directory]), (0, ("1 x=y\n%s\n" % directory).encode(), ""))
+        both = ["sh", "-c", "echo out; echo err >&2"]
+        self.assertEqual(self.run_here(*both, options=["--stderr", "merge"]), (0, b"out\nerr\n", ""))
+        self.assertEqual(self.run_here(*both, options=["--stderr", "discard"]), (0, b"out\n", ""))
+        self.assertEqual(self.run_here("sh", "-c", "test -t 1 && echo tty", options=["--tty"]),
+                         (0, b"tty\n", ""))
+        status, out, err = self.run_here("sh", "-c", "echo a; exec sleep 300",
+                                         options=["--timeout", "0.3", "-v", "--alias", "t"])
+        self.assertEqual((status, out), (143, b"a\n"))
+        self.assertIn("t ended: exit code -15, reason timeout", err)
+
+    def test_verbose_names_the_alias_it_picked(self):
+        status, _, err = self.run_here("true", options=["-v"])
+        alias = re.search(r"rexec: alias (true-[0-9a-f]{8})\n", err).group(1)
+        self.assertIn("%s ended: exit code 0, reason exit" % alias, err)
+        self.assertEqual(self.run_here("true"), (0, b"", ""))
+
+    def test_sigint_and_sigterm_end_the_remote_process(self):
+        for signum, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            with self.subTest(signal=signum):
+                proc = self.start_client("sh", "-c", "echo started; exec sleep 300", options=["--alias", "s"])
+                self.assertEqual(proc.stdout.readline(), b"started\n")
+                pid = self.running_pid("s")
+                proc.send_signal(signum)
+                self.assertEqual(proc.wait(30), expected)
+                self.assertEqual(proc.stderr.read(), b"")
+                self.assertTrue(wait_for(lambda: not pid_alive(pid) and self.ps() == []))
+
+    def test_ps_and_kill(self):
+        self.assertEqual(self.client("ps", "--url", self.server.url), (0, b"ALIAS  PID  AGE  COMMAND\n", ""))
+        proc = self.start_client("sleep", "300", options=["--alias", "a b/c%"])
+        pid = self.running_pid("a b/c%")
+        status, out, err = self.client("ps", env={"REXEC_URL": self.server.url})
+        self.assertEqual((status, err), (0, ""))
+        header, row = out.decode().splitlines()
+        self.assertEqual(header.split(), ["ALIAS", "PID", "AGE", "COMMAND"])
+        self.assertRegex(row, r"^a b/c%%  %d  \d+s +sleep 300$" % pid)
+        self.assertEqual(self.client("kill", "--url", self.server.url, "a b/c%"), (0, b"", ""))
+        self.assertEqual(proc.wait(30), 143)
+        self.assertFalse(pid_alive(pid))
+        status, out, err = self.client("kill", "--url", self.server.url, "a b/c%")
+        self.assertEqual((status, out), (1, b""))
+        self.assertOneLine(err, "404 no process with alias 'a b/c%' is running")
+
+    def test_fan_out_prefixes_whole_lines_and_takes_the_highest_status(self):
+        other = Server(*self.server_args, env={"CODE": "5"})
+        self.addCleanup(other.stop)
+        script = "echo one; printf par; sleep 0.2; printf 'tial\\n'; printf end; exit $CODE"
+        status, out, err = self.client("run", "--url", self.server.url, "--url", other.url,
+                                       "--", "sh", "-c", script)
+        self.assertEqual((status, err), (5, ""))
+        lines = out.decode().splitlines(True)
+        for server in (self.server, other):
+            prefix = "127.0.0.1:%d: " % server.port
+            self.assertEqual([line for line in lines if line.startswith(prefix)],
+                             [prefix + "one\n", prefix + "partial\n", prefix + "end\n"])
+        self.assertEqual(len(lines), 6)
+
+    def test_an_unreachable_host_does_not_stop_the_others(self):
+        dead = "http://127.0.0.1:%d" % closed_port()
+        status, out, err = self.client("run", "--url", dead, "--url", self.server.url,
+                                       "--", "sh", "-c", "echo fine; exit 1")
+        self.assertEqual(status, 125)
+        self.assertEqual(out, ("127.0.0.1:%d: fine\n" % self.server.port).encode())
+        self.assertOneLine(err, "rexec: %s: no answer: Connection refused" % dead)
+
+    def test_a_stream_that_breaks_off_is_255(self):
+        proc = self.start_client("sh", "-c", "echo started; exec sleep 300", options=["--alias", "b"])
+        self.assertEqual(proc.stdout.readline(), b"started\n")
+        pid = self.running_pid("b")
+        self.addCleanup(rexec.signal_group, pid, signal.SIGKILL)  # the server cannot end it
+        self.server.proc.kill()
+        self.assertEqual(proc.wait(30), 255)
+        self.assertOneLine(proc.stderr.read().decode(), "the stream broke off")
+
+    def test_token(self):
+        server = Server(*self.server_args, env={"REXEC_TOKEN": "s3cret"})
+        self.addCleanup(server.stop)
+        status, _, err = self.client("run", "--url", server.url, "--", "true")
+        self.assertEqual(status, 125)
+        self.assertOneLine(err, "401 this server wants an 'Authorization: Bearer <token>'")
+        command = ["run", "--url", server.url, "--", "echo", "in"]
+        self.assertEqual(self.client(*command, env={"REXEC_TOKEN": "s3cret"}), (0, b"in\n", ""))
+        token_file = os.path.join(self.tmpdir(), "token")
+        with open(token_file, "w") as handle:
+            handle.write("s3cret\n")
+        self.assertEqual(self.client("ps", "--url", server.url, "--token-file", token_file)[0], 0)
+
+    @unittest.skipIf(shutil.which("openssl") is None, "needs the openssl command")
+    def test_https_and_mutual_tls(self):
+        certs = self.tmpdir()
+        make_certificates(certs)
+        pem = lambda name: os.path.join(certs, name)  # noqa: E731
+        server = Server("--certfile", pem("server.pem"), "--keyfile", pem("server.key"),
+                        "--client-ca", pem("ca.pem"))
+        self.addCleanup(server.stop)
+        url = "https://127.0.0.1:%d" % server.port
+        mutual = ["--cacert", pem("ca.pem"), "--cert", pem("client.pem"), "--key", pem("client.key")]
+        self.assertEqual(self.client("run", "--url", url, *mutual, "--", "echo", "tls"), (0, b"tls\n", ""))
+        status, _, err = self.client("run", "--url", url, "--cacert", pem("ca.pem"), "--", "true")
+        self.assertEqual(status, 125)
+        self.assertOneLine(err, url)
+        status, _, err = self.client("run", "--url", url, "--", "true")   # an unknown CA
+        self.assertEqual(status, 125)
+        self.assertOneLine(err, "CERTIFICATE_VERIFY_FAILED")
+        status, _, err = self.client("run", "--url", "https://localhost:%d" % server.port,
+                                     *mutual + ["--", "true"])   # not the name in its certificate
+        self.assertEqual(status, 125)
+        self.assertOneLine(err, "localhost")
+
+    def test_bad_arguments_exit_2_with_one_line(self):
+        for args in (["run"], ["run", "--url", "ftp://x", "--", "true"], ["run", "-e", "NOEQ", "--", "true"],
+                     ["run", "--timeout", "soon", "true"], ["run", "--stderr", "inherit", "true"],
+                     ["kill"], ["ps", "--bogus"], ["run", "--token-file", "/no/such", "true"],
+                     ["ps", "--cacert", "/no/such", "--url", "https://127.0.0.1:1"]):
+            with self.subTest(args=args):
+                status, out, err = self.client(*args)
+                self.assertEqual((status, out), (2, b""))
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertNotIn("Traceback", err)
+        status, _, err = self.client("ps", env={"REXEC_URL": "localhost"})
+        self.assertEqual(status, 2)
+        self.assertOneLine(err, "REXEC_URL")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         sys.exit(bench_main(sys.argv[2:]))  # noqa: F821 -- defined in the benchmark section
