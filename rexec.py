@@ -1540,6 +1540,7 @@ EXIT_REFUSED = 125           # as docker run: the server refused, or none answer
 EXIT_CANNOT_START = 127      # as a shell: the command cannot start (404)
 EXIT_LOST = 255              # as ssh: the stream broke off before its last chunk
 MAX_LINE = 64 * 1024         # a chunk-size or trailer line longer than this is garbage
+MAX_HELD_LINE = 1 << 20      # several hosts: a longer line is cut, so memory stays bounded
 OUTPUT_LOCK = threading.Lock()   # one host's lines at a time on stdout
 # Python 3.6 reports a host name its certificate does not match as a ValueError.
 CertificateError = getattr(ssl, "CertificateError", OSError)
@@ -1690,18 +1691,23 @@ class PrefixedLines:
         host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
         port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = ("%s:%d: " % (host, port)).encode("utf-8")
-        self.partial = b""
+        self.partial = bytearray()
 
     def write(self, data):
-        lines, newline, self.partial = (self.partial + data).rpartition(b"\n")
+        lines, newline, rest = data.rpartition(b"\n")
         if newline:
-            self._emit(lines)
+            self._emit(bytes(self.partial) + lines)
+            self.partial = bytearray(rest)
+        else:
+            self.partial += rest
+        if len(self.partial) > MAX_HELD_LINE:   # output without newlines: held in pieces
+            self.close()
 
     def close(self):
         """Write a last line that has no newline, with one."""
         if self.partial:
-            self._emit(self.partial)
-            self.partial = b""
+            self._emit(bytes(self.partial))
+            self.partial = bytearray()
 
     def _emit(self, text):
         with OUTPUT_LOCK:
