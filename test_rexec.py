@@ -1017,6 +1017,159 @@ class OperatingTests(ServerTestCase):
         self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 200)
 
 
+# --------------------------------------------------------------------------
+# Issue 6: the splice fast path and the copying fallback send the same bytes
+# --------------------------------------------------------------------------
+
+OPENSSL = shutil.which("openssl")
+# A prelude that logs every os.splice call, so a test can tell which path ran.
+COUNT_SPLICES = ("_splice = rexec.os.splice; rexec.os.splice = lambda *a, **k: "
+                 "(rexec.log.warning('splice-call %d', a[2]), _splice(*a, **k))[1]")
+
+
+def throwaway_cert(directory):
+    """A self-signed certificate and key for 127.0.0.1 (openssl CLI), or None."""
+    if not OPENSSL:
+        return None
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    done = subprocess.run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                           "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return (cert, key) if done.returncode == 0 else None
+
+
+def client_tls_context():
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def parse_chunked(raw):
+    """Strictly split a raw chunked body: (data, chunk sizes, trailers, leftover)."""
+    data, sizes, pos = [], [], 0
+    while True:
+        end = raw.index(b"\r\n", pos)
+        line = raw[pos:end]
+        assert re.match(rb"^[0-9A-F]+$", line), "bad chunk-size line %r" % line
+        size = int(line, 16)
+        pos = end + 2
+        if size == 0:
+            break
+        assert raw[pos + size:pos + size + 2] == b"\r\n", "chunk not followed by CRLF"
+        data.append(raw[pos:pos + size])
+        sizes.append(size)
+        pos += size + 2
+    end = raw.index(b"\r\n\r\n", pos - 2)
+    trailers = raw[pos:end + 2].decode("ascii").splitlines()
+    return b"".join(data), sizes, trailers, raw[end + 4:]
+
+
+class FastPathTests(unittest.TestCase):
+    """The same children through every write path must give the same bytes:
+    splice (as configured, and for every chunk), the copying sendmsg fallback
+    (CAN_SPLICE = False), and TLS (one send per chunk).  No timings asserted."""
+
+    SIZES = (0, 1, 16383, 16384, 16385, (1 << 20) + 7)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="rexec-fastpath-")
+        cls.blob = os.path.join(cls.tmp, "blob")
+        with open(cls.blob, "wb") as handle:
+            handle.write(os.urandom((3 << 20) + 13))
+        with open(cls.blob, "rb") as handle:
+            cls.data = handle.read()
+        cls.servers = {}
+        try:
+            cls.servers["splice"] = Server(prelude=COUNT_SPLICES)
+            cls.servers["splice-every-chunk"] = Server(prelude="rexec.SPLICE_MIN = 1; " + COUNT_SPLICES)
+            cls.servers["copy"] = Server(prelude="rexec.CAN_SPLICE = False; " + COUNT_SPLICES)
+            tls = throwaway_cert(cls.tmp)
+            if tls:
+                cls.servers["tls"] = Server("--certfile", tls[0], "--keyfile", tls[1],
+                                            prelude=COUNT_SPLICES)
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers.values():
+            server.stop()
+        shutil.rmtree(cls.tmp, True)
+
+    def fetch(self, mode, spec, version="HTTP/1.1"):
+        """POST spec to the `mode` server; returns (head lines without Date, raw body)."""
+        server = self.servers[mode]
+        sock = server.connect()
+        if mode == "tls":
+            sock = client_tls_context().wrap_socket(sock)
+        with Conn(server, sock=sock) as conn:
+            conn.send("POST", "/process", spec, version=version,
+                      headers={"Connection": "close"})
+            raw = conn.file.read()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = [l for l in head.split(b"\r\n") if not l.lower().startswith(b"date:")]
+        return lines, body
+
+    def through_every_path(self, spec, version="HTTP/1.1"):
+        """{mode: (head lines, data, trailers)}, each framing checked strictly."""
+        results = {}
+        for mode in self.servers:
+            with self.subTest(mode=mode):
+                head, body = self.fetch(mode, spec, version)
+                if version == "HTTP/1.0":
+                    results[mode] = (head, body, [])
+                    continue
+                data, sizes, trailers, leftover = parse_chunked(body)
+                self.assertEqual(leftover, b"")
+                self.assertTrue(all(sizes), sizes)
+                results[mode] = (head, data, trailers)
+        first = next(iter(results.values()))
+        for mode, result in results.items():
+            self.assertEqual(result[0], first[0], "%s: different response head" % mode)
+            self.assertEqual(result[2], first[2], "%s: different trailers" % mode)
+            self.assertTrue(result[1] == first[1], "%s: different data" % mode)
+        return first
+
+    def test_odd_sizes_are_byte_identical(self):
+        for size in self.SIZES:
+            spec = {"alias": "odd", "cmd": "head", "args": ["-c", str(size), self.blob]}
+            _, data, trailers = self.through_every_path(spec)
+            self.assertTrue(data == self.data[:size], "size %d differs from the file" % size)
+            self.assertEqual(trailers, ["Rexec-Exit-Code: 0", "Rexec-Reason: exit"])
+
+    def test_binary_file_through_cat(self):
+        _, data, _ = self.through_every_path({"alias": "cat", "cmd": "cat", "args": [self.blob]})
+        self.assertTrue(data == self.data, "the streamed file differs")
+
+    def test_raw_body_of_http10_is_identical(self):
+        spec = {"alias": "raw", "cmd": "head", "args": ["-c", str((1 << 20) + 7), self.blob]}
+        _, data, _ = self.through_every_path(spec, version="HTTP/1.0")
+        self.assertTrue(data == self.data[:(1 << 20) + 7], "the raw HTTP/1.0 body differs")
+
+    def test_child_closing_stdout_early(self):
+        _, data, trailers = self.through_every_path(
+            {"alias": "shut", "cmd": "sh", "args": ["-c", "printf abc; exec >&-; sleep 0.2; exit 7"]})
+        self.assertEqual((data, trailers), (b"abc", ["Rexec-Exit-Code: 7", "Rexec-Reason: exit"]))
+        script = ("import os, time; os.write(1, b'x' * 100000); os.close(1); "
+                  "time.sleep(0.2); os._exit(3)")
+        _, data, trailers = self.through_every_path(
+            {"alias": "shut", "cmd": sys.executable, "args": ["-c", script]})
+        self.assertEqual((data, trailers), (b"x" * 100000, ["Rexec-Exit-Code: 3", "Rexec-Reason: exit"]))
+
+    def test_each_server_takes_its_own_path(self):
+        spec = {"alias": "path", "cmd": "head", "args": ["-c", str(1 << 20), self.blob]}
+        self.through_every_path(spec)
+        for mode, server in self.servers.items():
+            spliced = wait_for(lambda: "splice-call" in server.log(), timeout=0.5)
+            expected = rexec.CAN_SPLICE and mode.startswith("splice")
+            self.assertEqual(spliced, expected, "%s: splice used: %s" % (mode, spliced))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         sys.exit(bench_main(sys.argv[2:]))  # noqa: F821 -- defined in the benchmark section
