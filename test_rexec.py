@@ -1048,6 +1048,22 @@ def client_tls_context():
     return context
 
 
+def read_to_eof(sock):
+    """Everything until the peer closes.  rexec closes TLS without a close_notify,
+    which some Pythons report as an SSLError: that counts as the end here."""
+    parts = []
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except OSError as exc:
+            if type(exc).__module__ != "ssl":
+                raise
+            data = b""
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
 def parse_chunked(raw):
     """Strictly split a raw chunked body: (data, chunk sizes, trailers, leftover)."""
     data, sizes, pos = [], [], 0
@@ -1111,7 +1127,10 @@ class FastPathTests(unittest.TestCase):
         with Conn(server, sock=sock) as conn:
             conn.send("POST", "/process", spec, version=version,
                       headers={"Connection": "close"})
-            raw = conn.file.read()
+            if version == "HTTP/1.0":
+                raw = read_to_eof(conn.sock)
+            else:
+                raw = conn.response().raw
         head, _, body = raw.partition(b"\r\n\r\n")
         lines = [l for l in head.split(b"\r\n") if not l.lower().startswith(b"date:")]
         return lines, body
