@@ -64,6 +64,8 @@ DEFAULT_MAX_PROCS = 1024     # concurrent processes; high enough for a 1000-stre
 MAX_BODY = 1 << 20           # request bodies above this get 413 without being read
 READ_SIZE = 64 * 1024        # the most output a copied chunk holds in memory
 SPLICE_MIN = 16 * 1024       # smaller chunks are copied: one sendmsg beats three calls
+OUTPUT_BURST = 16            # large chunks passed on in a row before the selector runs again
+HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for its head
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
 WRITE_TIMEOUT = 30.0         # seconds a client that stopped reading may hold up a stream's end
@@ -158,6 +160,7 @@ class BodyWriter:
         self.tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
         self.pending = collections.deque()
         self.splice_fd = None
+        self._buffer = None                   # see frame_buffer()
         self.progress_at = time.monotonic()   # when the client last took bytes
 
     @property
@@ -172,6 +175,27 @@ class BodyWriter:
             self.pending.append(b"".join((chunk_head(len(data)), data, b"\r\n")))
         else:
             self.pending.extend((chunk_head(len(data)), data, b"\r\n"))
+
+    def frame_buffer(self):
+        """Where to read a large chunk that cannot be spliced (TLS, a terminal, no
+        os.splice): the writer's own READ_SIZE buffer, with room for the chunk head
+        before and the CRLF after, so the frame goes out without being copied
+        together -- and, at most READ_SIZE long, as whole 16 KiB TLS records.
+        Allocated on first use (fast children only); reused, so only while idle."""
+        if self._buffer is None:
+            self._buffer = bytearray(READ_SIZE)
+        return memoryview(self._buffer)[HEAD_ROOM:READ_SIZE - 2]
+
+    def frame_in_buffer(self, size):
+        """Queue the `size` (> 0) bytes just read into frame_buffer() as one chunk."""
+        start, end = HEAD_ROOM, HEAD_ROOM + size
+        if self.chunked:
+            head = chunk_head(size)
+            start -= len(head)
+            self._buffer[start:HEAD_ROOM] = head
+            self._buffer[end:end + 2] = b"\r\n"
+            end += 2
+        self.pending.append(memoryview(self._buffer)[start:end])
 
     def frame_from_pipe(self, fd, size):
         """Queue `size` (> 0) bytes waiting in pipe `fd` as one chunk, to be spliced."""
@@ -608,23 +632,38 @@ class Stream:
         self.exited = True
 
     def _on_output(self, mask):
+        """Pass on what the child wrote.  After a large chunk the client took at
+        once, the next one goes straight out too (up to OUTPUT_BURST), without a
+        trip through the selector: a fast child costs fewer calls per byte."""
+        for _ in range(OUTPUT_BURST):
+            size = self._output_chunk()
+            if size < SPLICE_MIN or not (self.writer.idle and self.output_open):
+                return
+
+    def _output_chunk(self):
+        """Read (or splice) one chunk and send what the socket takes; its size."""
         fd = self.proc.output_fd
         if self.client_gone:
-            self._read(fd, READ_SIZE)
-            return
-        size = fionread(fd) if self.splice else 0
-        if size >= SPLICE_MIN:
+            return len(self._read(fd, READ_SIZE))
+        size = fionread(fd)
+        if size >= SPLICE_MIN and self.splice:
             self.writer.frame_from_pipe(fd, min(size, PIPE_SIZE))
+        elif size >= SPLICE_MIN:
+            size = self._readinto(fd, self.writer.frame_buffer())
+            if not size:
+                return 0
+            self.writer.frame_in_buffer(size)
         else:
             data = self._read(fd, READ_SIZE)
             if not data:
-                return
+                return 0
             size = len(data)
             self.writer.frame(data)
         self.sent += size
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "chunk alias=%s bytes=%d", printable(self.proc.alias), size)
         self._flush()
+        return size
 
     def _read(self, fd, size):
         try:
@@ -638,6 +677,20 @@ class Stream:
         if not data:
             self.output_open = False
         return data
+
+    def _readinto(self, fd, view):
+        """_read into `view`; the count (0: nothing, or the end)."""
+        try:
+            count = os.readv(fd, [view])
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            count = 0
+        if not count:
+            self.output_open = False
+        return count
 
     def _on_socket(self, mask):
         if mask & selectors.EVENT_WRITE:

@@ -1169,6 +1169,13 @@ class FastPathTests(unittest.TestCase):
         _, data, _ = self.through_every_path({"alias": "cat", "cmd": "cat", "args": [self.blob]})
         self.assertTrue(data == self.data, "the streamed file differs")
 
+    def test_terminal_output_is_byte_identical(self):
+        size = (1 << 20) + 7
+        spec = {"alias": "tty", "cmd": "head", "args": ["-c", str(size), self.blob], "tty": True}
+        _, data, trailers = self.through_every_path(spec)
+        self.assertTrue(data == self.data[:size], "the terminal's output differs from the file")
+        self.assertEqual(trailers, ["Rexec-Exit-Code: 0", "Rexec-Reason: exit"])
+
     def test_raw_body_of_http10_is_identical(self):
         spec = {"alias": "raw", "cmd": "head", "args": ["-c", str((1 << 20) + 7), self.blob]}
         _, data, _ = self.through_every_path(spec, version="HTTP/1.0")
