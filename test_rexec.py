@@ -7,6 +7,7 @@ Every server runs in a child process of its own (so signals, descriptors and
 process groups are as in production) and logs to a pipe that the test reads.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -1211,12 +1212,15 @@ class FastPathTests(unittest.TestCase):
 GIB = 1 << 30
 MIB = 1 << 20
 FULL = dict(stream_bytes=GIB, stream_reps=3, echo_n=300, conc_clients=8, conc_each=40,
-            ttfb_n=20, kill_n=10, scale_n=1000, scale_window=6.0, idle_n=100, idle_window=3.0,
+            ttfb_n=20, kill_n=10, scale_n=1000, scale_window=6.0, idle_n=1000, idle_window=3.0,
             flood_bytes=GIB, flood_pause=2.0)
 QUICK = dict(stream_bytes=128 * MIB, stream_reps=2, echo_n=50, conc_clients=8, conc_each=10,
-             ttfb_n=5, kill_n=3, scale_n=100, scale_window=3.0, idle_n=20, idle_window=2.0,
+             ttfb_n=5, kill_n=3, scale_n=100, scale_window=3.0, idle_n=50, idle_window=2.0,
              flood_bytes=128 * MIB, flood_pause=1.0)
-TICKER = "while :; do echo tick; sleep 1; done"
+# A line a second without a fork a second (1000 shells forking `sleep` saturate two
+# cores by themselves): bash's `read -t 1` on a FIFO that nobody writes to ("$0").
+TICKER = 'exec 3<>"$0"; while :; do echo tick; read -t 1 -u 3; done'
+SLEEP_TICKER = "while :; do echo tick; sleep 1; done"
 
 # The baseline for streaming: no HTTP, no framing; one connection at a time,
 # the child's pipe relayed to the socket with blocking os.splice (the same
@@ -1599,7 +1603,14 @@ class Bench:
         pid = server.proc.pid
         idle_rss = proc_status(pid, "VmRSS")
         start = time.monotonic()
-        sel, socks = self.open_streams(server, count, {"cmd": "sh", "args": ["-c", TICKER]})
+        if shutil.which("bash"):
+            fifo = os.path.join(self.tmp, "never")
+            os.mkfifo(fifo)
+            spec = {"cmd": "bash", "args": ["-c", TICKER, fifo]}
+        else:
+            spec = {"cmd": "sh", "args": ["-c", SLEEP_TICKER]}
+        self.figures["scale child"] = " ".join([spec["cmd"]] + spec["args"])
+        sel, socks = self.open_streams(server, count, spec)
         keys = [sel.get_key(sock) for sock in socks]
         try:
             deadline = start + 120
@@ -1677,48 +1688,51 @@ class Bench:
 
     # -- the run -------------------------------------------------------------
 
-    def run(self):
-        server = Server()
+    PARTS = ("stream", "latency", "rate", "first-byte", "kill", "scale", "idle", "flood")
+
+    @contextlib.contextmanager
+    def server(self, tls=False, prelude=None):
+        """A fresh rexec server (HTTPS with the throwaway certificate if `tls`)."""
+        server = Server(*(("--certfile", self.tls[0], "--keyfile", self.tls[1]) if tls else ()),
+                        prelude=prelude)
         try:
-            for client in ("curl", "python") if CURL else ("python",):
-                self.stream(server, False, client)
+            yield server
+        finally:
+            server.stop()
+
+    def run(self, parts):
+        clients = ("curl", "python") if CURL else ("python",)
+        if not self.tls:
+            print("  (no openssl: the TLS rows are skipped)", file=sys.stderr)
+        if "stream" in parts:
+            for tls in (False, True) if self.tls else (False,):
+                with self.server(tls) as server:
+                    for client in clients:
+                        self.stream(server, tls, client)
+        with self.server() as server:
+            if "latency" in parts:
+                self.latency(server)
+            if "rate" in parts:
+                self.rate(server)
+            if "first-byte" in parts:
+                self.first_byte(server)
+            if "kill" in parts:
+                self.kill_latency(server, chatty=False)
+                self.kill_latency(server, chatty=True)
+        with self.server() as server:   # a fresh one: its idle RSS is the baseline for scale
+            if "scale" in parts:
+                self.scale(server)
+            if "idle" in parts:
+                self.idle_cpu(server)
+        if "flood" in parts:
+            modes = [("splice", None)] if rexec.CAN_SPLICE else []
+            modes.append(("copy", "rexec.CAN_SPLICE = False"))
+            for name, prelude in modes:
+                with self.server(prelude=prelude) as server:
+                    self.flood(name, server)
             if self.tls:
-                tls_server = Server("--certfile", self.tls[0], "--keyfile", self.tls[1])
-                try:
-                    for client in ("curl", "python") if CURL else ("python",):
-                        self.stream(tls_server, True, client)
-                finally:
-                    tls_server.stop()
-            else:
-                print("  (no openssl: the TLS rows are skipped)", file=sys.stderr)
-            self.latency(server)
-            self.rate(server)
-            self.first_byte(server)
-            self.kill_latency(server, chatty=False)
-            self.kill_latency(server, chatty=True)
-        finally:
-            server.stop()
-        server = Server()   # a fresh one: its idle RSS is the baseline for scale
-        try:
-            self.scale(server)
-            self.idle_cpu(server)
-        finally:
-            server.stop()
-        modes = [("splice", ()), ("copy", ("rexec.CAN_SPLICE = False",))]
-        if not rexec.CAN_SPLICE:
-            modes = modes[1:]
-        for name, prelude in modes:
-            server = Server(prelude=prelude[0] if prelude else None)
-            try:
-                self.flood(name, server)
-            finally:
-                server.stop()
-        if self.tls:
-            server = Server("--certfile", self.tls[0], "--keyfile", self.tls[1])
-            try:
-                self.flood("TLS", server, tls=True)
-            finally:
-                server.stop()
+                with self.server(tls=True) as server:
+                    self.flood("TLS", server, tls=True)
 
 
 def machine_info():
@@ -1751,7 +1765,12 @@ def bench_main(argv):
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and counts (a smoke run of about a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    parser.add_argument("--only", metavar="PARTS", default=",".join(Bench.PARTS),
+                        help="comma-separated parts to run (default all: %(default)s)")
     options = parser.parse_args(argv)
+    parts = options.only.split(",")
+    if not set(parts) <= set(Bench.PARTS):
+        parser.error("unknown part(s): %s" % ", ".join(sorted(set(parts) - set(Bench.PARTS))))
     if sys.version_info < (3, 7):
         print("the benchmark needs Python 3.7 or newer", file=sys.stderr)
         return 2
@@ -1762,7 +1781,7 @@ def bench_main(argv):
     tmp = tempfile.mkdtemp(prefix="rexec-bench-")
     try:
         bench = Bench(sizes, tmp)
-        bench.run()
+        bench.run(parts)
     finally:
         shutil.rmtree(tmp, True)
     info["load_after"] = " ".join("%.2f" % x for x in os.getloadavg())
