@@ -1211,10 +1211,10 @@ class FastPathTests(unittest.TestCase):
 
 GIB = 1 << 30
 MIB = 1 << 20
-FULL = dict(stream_bytes=GIB, stream_reps=3, echo_n=300, conc_clients=8, conc_each=40,
+FULL = dict(stream_bytes=GIB, stream_reps=5, echo_n=300, conc_clients=8, conc_each=40,
             ttfb_n=20, kill_n=10, scale_n=1000, scale_window=6.0, idle_n=1000, idle_window=3.0,
             flood_bytes=GIB, flood_pause=2.0)
-QUICK = dict(stream_bytes=128 * MIB, stream_reps=2, echo_n=50, conc_clients=8, conc_each=10,
+QUICK = dict(stream_bytes=128 * MIB, stream_reps=3, echo_n=50, conc_clients=8, conc_each=10,
              ttfb_n=5, kill_n=3, scale_n=100, scale_window=3.0, idle_n=50, idle_window=2.0,
              flood_bytes=128 * MIB, flood_pause=1.0)
 # A line a second without a fork a second (1000 shells forking `sleep` saturate two
