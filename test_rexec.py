@@ -1546,13 +1546,13 @@ class Bench:
 
     # -- 5. idle streams and scale ------------------------------------------
 
-    def open_streams(self, server, count, spec, timeout=120):
-        """`count` streams on one selector; returns (sockets, first-data deadline met)."""
+    def open_streams(self, server, count, spec, prefix):
+        """`count` streams of `spec` held open on one selector: (selector, sockets)."""
         sel = selectors.DefaultSelector()
         socks = []
         for i in range(count):
             sock = bench_connect(server.port)
-            sock.sendall(post_request(dict(spec, alias="s%d" % i)))
+            sock.sendall(post_request(dict(spec, alias="%s%d" % (prefix, i))))
             sock.setblocking(False)
             sel.register(sock, selectors.EVENT_READ, {"index": i, "ticks": [], "tail": b""})
             socks.append(sock)
@@ -1575,17 +1575,24 @@ class Bench:
                 key.data["tail"] = text[-4:]
 
     def close_streams(self, server, sel, socks):
+        """Disconnect them all, and wait for rexec to have ended every group."""
         sel.close()
         for sock in socks:
             sock.close()
-        wait_for(lambda: not children_of(server.proc.pid), timeout=60, interval=0.2)
+
+        def all_gone():
+            with Conn(server) as conn:
+                return not conn.request("GET", "/process").json() and not children_of(server.proc.pid)
+        if not wait_for(all_gone, timeout=60, interval=0.2):
+            raise RuntimeError("rexec still has children a minute after the clients left")
 
     def idle_cpu(self, server):
         count, window = self.sizes["idle_n"], self.sizes["idle_window"]
-        sel, socks = self.open_streams(server, count, {"cmd": "sleep", "args": ["300"]})
+        sel, socks = self.open_streams(server, count, {"cmd": "sleep", "args": ["300"]}, "idle")
         try:
-            if not wait_for(lambda: len(children_of(server.proc.pid)) == count, timeout=60):
-                raise RuntimeError("the idle streams did not all start")
+            if not wait_for(lambda: len(children_of(server.proc.pid)) >= count, timeout=60):
+                raise RuntimeError("only %d of %d idle streams started"
+                                   % (len(children_of(server.proc.pid)), count))
             time.sleep(0.5)
             cpu = proc_cpu(server.proc.pid)
             time.sleep(window)
@@ -1610,7 +1617,7 @@ class Bench:
         else:
             spec = {"cmd": "sh", "args": ["-c", SLEEP_TICKER]}
         self.figures["scale child"] = " ".join([spec["cmd"]] + spec["args"])
-        sel, socks = self.open_streams(server, count, spec)
+        sel, socks = self.open_streams(server, count, spec, "tick")
         keys = [sel.get_key(sock) for sock in socks]
         try:
             deadline = start + 120
