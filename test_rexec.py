@@ -1,7 +1,7 @@
 """Tests for rexec: real servers on port 0, real sockets, real children, curl.
 
 Run them:        python3 -m unittest -v test_rexec
-Run benchmarks:  python3 test_rexec.py bench [--json FILE]
+Run benchmarks:  python3 test_rexec.py bench [--quick] [--json FILE] [--only PARTS]
 
 Every server runs in a child process of its own (so signals, descriptors and
 process groups are as in production) and logs to a pipe that the test reads.
