@@ -459,11 +459,6 @@ class Process:
                     stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr], bufsize=0,
                     close_fds=True, start_new_session=True)
                 self.output_fd = self.popen.stdout.fileno()
-                if F_SETPIPE_SZ:
-                    try:
-                        fcntl.fcntl(self.output_fd, F_SETPIPE_SZ, PIPE_SIZE)
-                    except OSError:  # over the per-user pipe budget: the default works
-                        pass
         except BaseException:
             self.close()
             raise
@@ -520,6 +515,7 @@ class Stream:
         self.grace = grace
         self.tls = writer.tls
         self.splice = CAN_SPLICE and not writer.tls and not proc.spec.tty
+        self.grow_pipe = bool(F_SETPIPE_SZ) and not proc.spec.tty   # see _grow_pipe()
         self.deadline = proc.started_mono + proc.spec.timeout if proc.spec.timeout else None
         self.output_open = True
         self.watch_client = True     # off once the client sends more (its next request)
@@ -646,6 +642,8 @@ class Stream:
         if self.client_gone:
             return len(self._read(fd, READ_SIZE))
         size = fionread(fd)
+        if size >= SPLICE_MIN and self.grow_pipe:
+            self._grow_pipe(fd)
         if size >= SPLICE_MIN and self.splice:
             self.writer.frame_from_pipe(fd, min(size, PIPE_SIZE))
         elif size >= SPLICE_MIN:
@@ -664,6 +662,17 @@ class Stream:
             log.log(TRACE, "chunk alias=%s bytes=%d", printable(self.proc.alias), size)
         self._flush()
         return size
+
+    def _grow_pipe(self, fd):
+        """A child that fills large chunks gets a PIPE_SIZE pipe: fewer, larger
+        chunks.  Only such a child: every grown pipe counts against the user's
+        pipe budget (fs.pipe-user-pages-soft, 64 MiB), and once an unprivileged
+        user is over it, all its new pipes -- its children's too -- get 8 KiB."""
+        self.grow_pipe = False
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over the per-user pipe budget: the default works
+            pass
 
     def _read(self, fd, size):
         try:
