@@ -1091,7 +1091,9 @@ def parse_chunked(raw):
 class FastPathTests(unittest.TestCase):
     """The same children through every write path must give the same bytes:
     splice (as configured, and for every chunk), the copying sendmsg fallback
-    (CAN_SPLICE = False), and TLS (one send per chunk).  No timings asserted."""
+    (CAN_SPLICE = False: small chunks read, large ones read in place into the
+    writer's buffer; and every chunk in place), and TLS (one send per chunk).
+    No timings asserted."""
 
     SIZES = (0, 1, 16383, 16384, 16385, (1 << 20) + 7)
 
@@ -1108,6 +1110,8 @@ class FastPathTests(unittest.TestCase):
             cls.servers["splice"] = Server(prelude=COUNT_SPLICES)
             cls.servers["splice-every-chunk"] = Server(prelude="rexec.SPLICE_MIN = 1; " + COUNT_SPLICES)
             cls.servers["copy"] = Server(prelude="rexec.CAN_SPLICE = False; " + COUNT_SPLICES)
+            cls.servers["copy-in-place-every-chunk"] = Server(
+                prelude="rexec.CAN_SPLICE = False; rexec.SPLICE_MIN = 1; " + COUNT_SPLICES)
             tls = throwaway_cert(cls.tmp)
             if tls:
                 cls.servers["tls"] = Server("--certfile", tls[0], "--keyfile", tls[1],
