@@ -1,7 +1,7 @@
 """Tests for rexec: real servers on port 0, real sockets, real children, curl.
 
 Run them:        python3 -m unittest -v test_rexec
-Run benchmarks:  python3 test_rexec.py bench [--json FILE]
+Run benchmarks:  python3 test_rexec.py bench [--quick] [--json FILE] [--only PARTS]
 
 Every server runs in a child process of its own (so signals, descriptors and
 process groups are as in production) and logs to a pipe that the test reads.
@@ -9,10 +9,13 @@ process groups are as in production) and logs to a pipe that the test reads.
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
+import resource
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -1954,6 +1957,792 @@ class ClientTests(ServerTestCase):
         status, _, err = self.client("ps", env={"REXEC_URL": "localhost"})
         self.assertEqual(status, 2)
         self.assertOneLine(err, "REXEC_URL")
+
+
+# --------------------------------------------------------------------------
+# Issue 6: the splice fast path and the copying fallback send the same bytes
+# --------------------------------------------------------------------------
+
+# A prelude that logs every os.splice call, so a test can tell which path ran.
+COUNT_SPLICES = ("_splice = rexec.os.splice; rexec.os.splice = lambda *a, **k: "
+                 "(rexec.log.warning('splice-call %d', a[2]), _splice(*a, **k))[1]"
+                 if rexec.CAN_SPLICE else "pass")
+
+
+def throwaway_cert(directory):
+    """A self-signed certificate and key for 127.0.0.1 (openssl CLI), or None."""
+    if not OPENSSL:
+        return None
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    done = subprocess.run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                           "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return (cert, key) if done.returncode == 0 else None
+
+
+def client_tls_context():
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def read_to_eof(sock):
+    """Everything until the peer closes.  rexec closes TLS without a close_notify,
+    which some Pythons report as an SSLError: that counts as the end here."""
+    parts = []
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except OSError as exc:
+            if type(exc).__module__ != "ssl":
+                raise
+            data = b""
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
+def parse_chunked(raw):
+    """Strictly split a raw chunked body: (data, chunk sizes, trailers, leftover)."""
+    data, sizes, pos = [], [], 0
+    while True:
+        end = raw.index(b"\r\n", pos)
+        line = raw[pos:end]
+        assert re.match(rb"^[0-9A-F]+$", line), "bad chunk-size line %r" % line
+        size = int(line, 16)
+        pos = end + 2
+        if size == 0:
+            break
+        assert raw[pos + size:pos + size + 2] == b"\r\n", "chunk not followed by CRLF"
+        data.append(raw[pos:pos + size])
+        sizes.append(size)
+        pos += size + 2
+    end = raw.index(b"\r\n\r\n", pos - 2)
+    trailers = raw[pos:end + 2].decode("ascii").splitlines()
+    return b"".join(data), sizes, trailers, raw[end + 4:]
+
+
+class FastPathTests(unittest.TestCase):
+    """The same children through every write path must give the same bytes:
+    splice (as configured, and for every chunk), the copying sendmsg fallback
+    (CAN_SPLICE = False: small chunks read, large ones read in place into the
+    writer's buffer; and every chunk in place), and TLS (one send per chunk).
+    No timings asserted."""
+
+    SIZES = (0, 1, 16383, 16384, 16385, (1 << 20) + 7)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="rexec-fastpath-")
+        cls.blob = os.path.join(cls.tmp, "blob")
+        with open(cls.blob, "wb") as handle:
+            handle.write(os.urandom((3 << 20) + 13))
+        with open(cls.blob, "rb") as handle:
+            cls.data = handle.read()
+        cls.servers = {}
+        try:
+            cls.servers["splice"] = Server(prelude=COUNT_SPLICES)
+            cls.servers["splice-every-chunk"] = Server(prelude="rexec.SPLICE_MIN = 1; " + COUNT_SPLICES)
+            cls.servers["copy"] = Server(prelude="rexec.CAN_SPLICE = False; " + COUNT_SPLICES)
+            cls.servers["copy-in-place-every-chunk"] = Server(
+                prelude="rexec.CAN_SPLICE = False; rexec.SPLICE_MIN = 1; " + COUNT_SPLICES)
+            tls = throwaway_cert(cls.tmp)
+            if tls:
+                cls.servers["tls"] = Server("--certfile", tls[0], "--keyfile", tls[1],
+                                            prelude=COUNT_SPLICES)
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers.values():
+            server.stop()
+        shutil.rmtree(cls.tmp, True)
+
+    def fetch(self, mode, spec, version="HTTP/1.1"):
+        """POST spec to the `mode` server; returns (head lines without Date, raw body)."""
+        server = self.servers[mode]
+        sock = server.connect()
+        if mode == "tls":
+            sock = client_tls_context().wrap_socket(sock)
+        with Conn(server, sock=sock) as conn:
+            conn.send("POST", "/process", spec, version=version,
+                      headers={"Connection": "close"})
+            if version == "HTTP/1.0":
+                raw = read_to_eof(conn.sock)
+            else:
+                raw = conn.response().raw
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = [l for l in head.split(b"\r\n") if not l.lower().startswith(b"date:")]
+        return lines, body
+
+    def through_every_path(self, spec, version="HTTP/1.1"):
+        """{mode: (head lines, data, trailers)}, each framing checked strictly."""
+        results = {}
+        for mode in self.servers:
+            with self.subTest(mode=mode):
+                head, body = self.fetch(mode, spec, version)
+                if version == "HTTP/1.0":
+                    results[mode] = (head, body, [])
+                    continue
+                data, sizes, trailers, leftover = parse_chunked(body)
+                self.assertEqual(leftover, b"")
+                self.assertTrue(all(sizes), sizes)
+                results[mode] = (head, data, trailers)
+        first = next(iter(results.values()))
+        for mode, result in results.items():
+            self.assertEqual(result[0], first[0], "%s: different response head" % mode)
+            self.assertEqual(result[2], first[2], "%s: different trailers" % mode)
+            self.assertTrue(result[1] == first[1], "%s: different data" % mode)
+        return first
+
+    def test_odd_sizes_are_byte_identical(self):
+        for size in self.SIZES:
+            spec = {"alias": "odd", "cmd": "head", "args": ["-c", str(size), self.blob]}
+            _, data, trailers = self.through_every_path(spec)
+            self.assertTrue(data == self.data[:size], "size %d differs from the file" % size)
+            self.assertEqual(trailers, ["Rexec-Exit-Code: 0", "Rexec-Reason: exit"])
+
+    def test_binary_file_through_cat(self):
+        _, data, _ = self.through_every_path({"alias": "cat", "cmd": "cat", "args": [self.blob]})
+        self.assertTrue(data == self.data, "the streamed file differs")
+
+    def test_terminal_output_is_byte_identical(self):
+        size = (1 << 20) + 7
+        spec = {"alias": "tty", "cmd": "head", "args": ["-c", str(size), self.blob], "tty": True}
+        _, data, trailers = self.through_every_path(spec)
+        self.assertTrue(data == self.data[:size], "the terminal's output differs from the file")
+        self.assertEqual(trailers, ["Rexec-Exit-Code: 0", "Rexec-Reason: exit"])
+
+    def test_raw_body_of_http10_is_identical(self):
+        spec = {"alias": "raw", "cmd": "head", "args": ["-c", str((1 << 20) + 7), self.blob]}
+        _, data, _ = self.through_every_path(spec, version="HTTP/1.0")
+        self.assertTrue(data == self.data[:(1 << 20) + 7], "the raw HTTP/1.0 body differs")
+
+    def test_child_closing_stdout_early(self):
+        _, data, trailers = self.through_every_path(
+            {"alias": "shut", "cmd": "sh", "args": ["-c", "printf abc; exec >&-; sleep 0.2; exit 7"]})
+        self.assertEqual((data, trailers), (b"abc", ["Rexec-Exit-Code: 7", "Rexec-Reason: exit"]))
+        script = ("import os, time; os.write(1, b'x' * 100000); os.close(1); "
+                  "time.sleep(0.2); os._exit(3)")
+        _, data, trailers = self.through_every_path(
+            {"alias": "shut", "cmd": sys.executable, "args": ["-c", script]})
+        self.assertEqual((data, trailers), (b"x" * 100000, ["Rexec-Exit-Code: 3", "Rexec-Reason: exit"]))
+
+    def test_each_server_takes_its_own_path(self):
+        spec = {"alias": "path", "cmd": "head", "args": ["-c", str(1 << 20), self.blob]}
+        self.through_every_path(spec)
+        for mode, server in self.servers.items():
+            spliced = wait_for(lambda: "splice-call" in server.log(), timeout=0.5)
+            expected = rexec.CAN_SPLICE and mode.startswith("splice")
+            self.assertEqual(spliced, expected, "%s: splice used: %s" % (mode, spliced))
+
+
+# ==========================================================================
+# Benchmark (issue 6): python3 test_rexec.py bench [--quick] [--json FILE]
+#
+# Starts real servers (the Server helper above) and measures each figure
+# beside a baseline run in the same process tree on the same machine within
+# the same minute.  Prints one table; targets are reported, never asserted.
+# ==========================================================================
+
+GIB = 1 << 30
+MIB = 1 << 20
+FULL = dict(stream_bytes=GIB, stream_reps=5, echo_n=300, conc_clients=8, conc_each=40,
+            ttfb_n=20, kill_n=10, scale_n=1000, scale_window=6.0, idle_n=1000, idle_window=3.0,
+            flood_bytes=GIB, flood_pause=2.0)
+QUICK = dict(stream_bytes=128 * MIB, stream_reps=3, echo_n=50, conc_clients=8, conc_each=10,
+             ttfb_n=5, kill_n=3, scale_n=100, scale_window=3.0, idle_n=50, idle_window=2.0,
+             flood_bytes=128 * MIB, flood_pause=1.0)
+# A line a second without a fork a second (1000 shells forking `sleep` saturate two
+# cores by themselves): bash's `read -t 1` on a FIFO that nobody writes to ("$0").
+TICKER = 'exec 3<>"$0"; while :; do echo tick; read -t 1 -u 3; done'
+SLEEP_TICKER = "while :; do echo tick; sleep 1; done"
+
+# The baseline for streaming: no HTTP, no framing; one connection at a time,
+# the child's pipe relayed to the socket with blocking os.splice (the same
+# pipe size rexec asks for) or, over TLS or without splice, read/sendall of
+# rexec's READ_SIZE.  Run as its own process so its CPU time can be read.
+RELAY = r'''
+import fcntl, os, socket, ssl, subprocess, sys
+pipe_size, read_size, cert, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+command = sys.argv[5:]
+context = None
+if cert:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(8)
+print(listener.getsockname()[1], "splice" if hasattr(os, "splice") and not cert else "copy",
+      flush=True)
+while True:
+    conn = listener.accept()[0]
+    if context:
+        conn = context.wrap_socket(conn, server_side=True)
+    request = b""
+    while b"\r\n\r\n" not in request:
+        data = conn.recv(4096)
+        if not data:
+            break
+        request += data
+    conn.sendall(b"HTTP/1.0 200 OK\r\nConnection: close\r\n\r\n")
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, bufsize=0)
+    fd = child.stdout.fileno()
+    try:
+        fcntl.fcntl(fd, 1031, pipe_size)
+    except OSError:
+        pass
+    try:
+        if hasattr(os, "splice") and not cert:
+            while os.splice(fd, conn.fileno(), pipe_size, flags=os.SPLICE_F_MOVE):
+                pass
+        else:
+            while True:
+                data = os.read(fd, read_size)
+                if not data:
+                    break
+                conn.sendall(data)
+    except OSError:
+        pass
+    conn.close()
+    child.stdout.close()
+    child.wait()
+'''
+
+
+def proc_cpu(pid):
+    """User + system CPU seconds of process `pid` (all its threads)."""
+    with open("/proc/%d/stat" % pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status(pid, field):
+    """A kB figure (VmRSS, VmHWM) of /proc/PID/status, in bytes."""
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(math.ceil(fraction * len(ordered))) - 1)]
+
+
+def post_request(spec):
+    body = json.dumps(spec).encode("utf-8")
+    return (b"POST /process HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+
+
+def bench_connect(port, tls=False):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    return client_tls_context().wrap_socket(sock) if tls else sock
+
+
+def drain(sock, buffer):
+    """recv_into until EOF (an SSLError at EOF counts as EOF); bytes received."""
+    total = 0
+    while True:
+        try:
+            count = sock.recv_into(buffer)
+        except OSError as exc:
+            if type(exc).__module__ != "ssl":
+                raise
+            count = 0
+        if not count:
+            return total
+        total += count
+
+
+def read_until(sock, marker, limit=1 << 20):
+    data = b""
+    while marker not in data and len(data) < limit:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("closed before %r" % marker)
+        data += more
+    return data
+
+
+class Bench:
+    """One benchmark run: the figures dict, and a row list for the table."""
+
+    def __init__(self, sizes, tmp):
+        self.sizes = sizes
+        self.tmp = tmp
+        self.figures = {}
+        self.rows = []
+        self.tls = throwaway_cert(tmp)
+
+    def row(self, name, rexec_value, baseline, ratio=None, target=None, met=None):
+        self.rows.append((name, rexec_value, baseline, ratio, target, met))
+        print("  %-48s %s | %s | %s" % (name, rexec_value, baseline,
+                                          "" if ratio is None else "%.2fx" % ratio),
+              file=sys.stderr, flush=True)
+
+    # -- 1. stream throughput ------------------------------------------------
+
+    def start_relay(self, tls):
+        cert, key = self.tls if tls else ("", "")
+        command = ["head", "-c", str(self.sizes["stream_bytes"]), "/dev/zero"]
+        relay = subprocess.Popen([sys.executable, "-c", RELAY, str(rexec.PIPE_SIZE),
+                                  str(rexec.READ_SIZE), cert, key] + command,
+                                 stdout=subprocess.PIPE)
+        port, mode = relay.stdout.readline().split()
+        return relay, int(port), mode.decode()
+
+    def fetch_curl(self, url, tls, body=None):
+        argv = [CURL, "-s", "-o", "/dev/null", "-w", "%{size_download}"] + (["-k"] if tls else [])
+        if body is not None:
+            argv += ["-H", "Content-Type: application/json", "--data-binary", body]
+        return int(subprocess.run(argv + [url], stdout=subprocess.PIPE, check=True).stdout)
+
+    def fetch_python(self, port, tls, request):
+        buffer = bytearray(MIB)
+        with bench_connect(port, tls) as sock:
+            sock.sendall(request)
+            return drain(sock, buffer)
+
+    def timed(self, pid, fetch):
+        """(seconds, server CPU seconds, bytes) of one fetch."""
+        cpu, start = proc_cpu(pid), time.monotonic()
+        received = fetch()
+        return time.monotonic() - start, proc_cpu(pid) - cpu, received
+
+    def stream(self, server, tls, client):
+        size = self.sizes["stream_bytes"]
+        spec = {"alias": "flow", "cmd": "head", "args": ["-c", str(size), "/dev/zero"]}
+        relay, relay_port, relay_mode = self.start_relay(tls)
+        scheme = "https" if tls else "http"
+        try:
+            if client == "curl":
+                ours = lambda: self.fetch_curl("%s://127.0.0.1:%d/process" % (scheme, server.port),
+                                               tls, json.dumps(spec))
+                theirs = lambda: self.fetch_curl("%s://127.0.0.1:%d/" % (scheme, relay_port), tls)
+            else:
+                ours = lambda: self.fetch_python(server.port, tls, post_request(spec))
+                theirs = lambda: self.fetch_python(relay_port, tls, b"GET / HTTP/1.0\r\n\r\n")
+            runs = {"rexec": [], "relay": []}
+            for rep in range(self.sizes["stream_reps"]):
+                for who in (("rexec", "relay") if rep % 2 == 0 else ("relay", "rexec")):
+                    pid = server.proc.pid if who == "rexec" else relay.pid
+                    seconds, cpu, received = self.timed(pid, ours if who == "rexec" else theirs)
+                    if received < size:
+                        raise RuntimeError("%s sent %d of %d bytes" % (who, received, size))
+                    runs[who].append((size / seconds / 1e6, cpu * GIB / size))
+        finally:
+            relay.kill()
+            relay.wait()
+        name = "stream %s, %s client" % ("TLS" if tls else "plain", client)
+        rate = {who: median([r for r, _ in runs[who]]) for who in runs}
+        cpu = {who: median([c for _, c in runs[who]]) for who in runs}
+        rate_ratio, cpu_ratio = rate["rexec"] / rate["relay"], cpu["rexec"] / max(cpu["relay"], 0.01)
+        self.figures[name] = dict(rexec_mb_s=rate["rexec"], relay_mb_s=rate["relay"],
+                                  rate_ratio=rate_ratio, rexec_cpu_s_per_gib=cpu["rexec"],
+                                  relay_cpu_s_per_gib=cpu["relay"], cpu_ratio=cpu_ratio,
+                                  relay_mode=relay_mode, bytes=size, runs=runs)
+        self.row(name + ": MB/s", "%.0f" % rate["rexec"], "%.0f (%s relay)" % (rate["relay"], relay_mode),
+                 rate_ratio, ">= 0.9x", rate_ratio >= 0.9)
+        self.row(name + ": CPU s/GiB", "%.2f" % cpu["rexec"], "%.2f" % cpu["relay"],
+                 cpu_ratio, "<= 1.25x", cpu_ratio <= 1.25)
+
+    # -- 2. request latency and rate -------------------------------------------
+
+    def echo_rexec(self, port, alias, tls=False):
+        with bench_connect(port, tls) as sock:
+            sock.sendall(post_request({"alias": alias, "cmd": "echo", "args": ["hi"]}))
+            data = read_until(sock, b"Rexec-Reason: exit\r\n\r\n")
+        assert b"3\r\nhi\n\r\n" in data, data
+
+    @staticmethod
+    def echo_direct():
+        out = subprocess.run(["echo", "hi"], stdout=subprocess.PIPE).stdout
+        assert out == b"hi\n", out
+
+    def latency(self, server):
+        def sample(call, n):
+            times = []
+            for _ in range(n):
+                start = time.monotonic()
+                call()
+                times.append(time.monotonic() - start)
+            return times
+        n = self.sizes["echo_n"]
+        sample(lambda: self.echo_rexec(server.port, "echo"), 5)
+        ours, theirs = [], []
+        for _ in range(5):   # interleaved, so both see the same background load
+            ours += sample(lambda: self.echo_rexec(server.port, "echo"), n // 5)
+            theirs += sample(self.echo_direct, n // 5)
+        ratio = median(ours) / median(theirs)
+        self.figures["echo latency"] = dict(
+            rexec_median_ms=median(ours) * 1e3, rexec_p99_ms=percentile(ours, 0.99) * 1e3,
+            direct_median_ms=median(theirs) * 1e3, direct_p99_ms=percentile(theirs, 0.99) * 1e3,
+            ratio=ratio, n=len(ours))
+        f = self.figures["echo latency"]
+        self.row("echo hi latency: median ms (p99)", "%.2f (%.2f)" % (f["rexec_median_ms"], f["rexec_p99_ms"]),
+                 "%.2f (%.2f) direct spawn" % (f["direct_median_ms"], f["direct_p99_ms"]),
+                 ratio, "<= 1.35x", ratio <= 1.35)
+
+    def rate(self, server):
+        clients, each = self.sizes["conc_clients"], self.sizes["conc_each"]
+
+        def run_threads(work):
+            errors = []
+
+            def loop(index):
+                try:
+                    for i in range(each):
+                        work(index, i)
+                except Exception as exc:  # reported, not swallowed
+                    errors.append(exc)
+            threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+            start = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if errors:
+                raise errors[0]
+            return clients * each / (time.monotonic() - start)
+        ours = run_threads(lambda c, i: self.echo_rexec(server.port, "c%d" % c))
+        theirs = run_threads(lambda c, i: self.echo_direct())
+        ours = (ours + run_threads(lambda c, i: self.echo_rexec(server.port, "c%d" % c))) / 2
+        ratio = ours / theirs
+        self.figures["echo rate"] = dict(rexec_req_s=ours, direct_req_s=theirs, ratio=ratio,
+                                         clients=clients, requests_each=each)
+        self.row("echo hi, %d clients: req/s" % clients, "%.0f" % ours,
+                 "%.0f direct spawn (%d threads)" % (theirs, clients), ratio, ">= 0.7x", ratio >= 0.7)
+
+    # -- 3. time to first byte -----------------------------------------------
+
+    def first_byte(self, server):
+        script = "echo ready; sleep 5"
+        ours, theirs = [], []
+        for i in range(self.sizes["ttfb_n"]):
+            with bench_connect(server.port) as sock:
+                start = time.monotonic()
+                sock.sendall(post_request({"alias": "ttfb%d" % i, "cmd": "sh", "args": ["-c", script]}))
+                read_until(sock, b"ready\n")
+                ours.append(time.monotonic() - start)
+            start = time.monotonic()
+            child = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE,
+                                     start_new_session=True)
+            child.stdout.readline()
+            theirs.append(time.monotonic() - start)
+            os.killpg(child.pid, signal.SIGKILL)
+            child.stdout.close()
+            child.wait()
+        value = median(ours) * 1e3
+        self.figures["first byte"] = dict(rexec_median_ms=value, rexec_max_ms=max(ours) * 1e3,
+                                          direct_median_ms=median(theirs) * 1e3, n=len(ours))
+        self.row("first byte of `echo ready; sleep 5`: ms", "%.2f (max %.2f)" % (value, max(ours) * 1e3),
+                 "%.2f direct spawn" % (median(theirs) * 1e3), None, "< 5 ms", value < 5)
+
+    # -- 4. kill latency -----------------------------------------------------
+
+    def kill_latency(self, server, chatty):
+        program = "yes" if chatty else "sleep 300"
+        times = []
+        for i in range(self.sizes["kill_n"]):
+            sock = bench_connect(server.port)
+            sock.sendall(post_request({"alias": "kill%d" % i, "cmd": "sh",
+                                       "args": ["-c", "echo pid=$$; exec %s" % program]}))
+            data = b""
+            while not re.search(rb"pid=(\d+)\n", data):
+                data += read_until(sock, b"\n")
+            pgid = int(re.search(rb"pid=(\d+)\n", data).group(1))
+            if chatty:
+                for _ in range(16):   # let it stream for a moment
+                    sock.recv(65536)
+            else:
+                time.sleep(0.05)      # sleep has replaced sh
+            start = time.monotonic()
+            sock.close()
+            while True:
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.0002)
+            times.append(time.monotonic() - start)
+        name = "kill latency, %s (`%s`)" % ("chatty" if chatty else "silent", program)
+        value = median(times) * 1e3
+        self.figures[name] = dict(median_ms=value, max_ms=max(times) * 1e3, n=len(times))
+        self.row(name + ": ms", "%.2f (max %.2f)" % (value, max(times) * 1e3), "-", None,
+                 "< 20 ms", value < 20)
+
+    # -- 5. idle streams and scale ------------------------------------------
+
+    def open_streams(self, server, count, spec, prefix):
+        """`count` streams of `spec` held open on one selector: (selector, sockets)."""
+        sel = selectors.DefaultSelector()
+        socks = []
+        for i in range(count):
+            sock = bench_connect(server.port)
+            sock.sendall(post_request(dict(spec, alias="%s%d" % (prefix, i))))
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ, {"index": i, "ticks": [], "tail": b""})
+            socks.append(sock)
+        return sel, socks
+
+    @staticmethod
+    def pump(sel, until, on_tick=None):
+        """Read every stream until `until`; record the time of each 'tick' line."""
+        while time.monotonic() < until:
+            for key, _ in sel.select(max(0.0, until - time.monotonic())):
+                try:
+                    data = key.fileobj.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    raise ConnectionError("stream %d ended" % key.data["index"])
+                now = time.monotonic()
+                text = key.data["tail"] + data
+                key.data["ticks"].extend([now] * text.count(b"tick\n"))
+                key.data["tail"] = text[-4:]
+
+    def close_streams(self, server, sel, socks):
+        """Disconnect them all, and wait for rexec to have ended every group."""
+        sel.close()
+        for sock in socks:
+            sock.close()
+
+        def all_gone():
+            with Conn(server) as conn:
+                return not conn.request("GET", "/process").json() and not children_of(server.proc.pid)
+        if not wait_for(all_gone, timeout=60, interval=0.2):
+            raise RuntimeError("rexec still has children a minute after the clients left")
+
+    def idle_cpu(self, server):
+        count, window = self.sizes["idle_n"], self.sizes["idle_window"]
+        sel, socks = self.open_streams(server, count, {"cmd": "sleep", "args": ["300"]}, "idle")
+        try:
+            if not wait_for(lambda: len(children_of(server.proc.pid)) >= count, timeout=60):
+                raise RuntimeError("only %d of %d idle streams started"
+                                   % (len(children_of(server.proc.pid)), count))
+            time.sleep(0.5)
+            cpu = proc_cpu(server.proc.pid)
+            time.sleep(window)
+            used = proc_cpu(server.proc.pid) - cpu
+        finally:
+            self.close_streams(server, sel, socks)
+        per_s = used / window
+        self.figures["idle streams"] = dict(streams=count, seconds=window, server_cpu_s=used,
+                                            cpu_fraction=per_s)
+        self.row("%d idle streams: server CPU" % count, "%.1f ms/s" % (per_s * 1e3), "-", None,
+                 "≈ 0 (< 5 ms/s)", per_s < 0.005)
+
+    def scale(self, server):
+        count, window = self.sizes["scale_n"], self.sizes["scale_window"]
+        pid = server.proc.pid
+        idle_rss = proc_status(pid, "VmRSS")
+        start = time.monotonic()
+        if shutil.which("bash"):
+            fifo = os.path.join(self.tmp, "never")
+            os.mkfifo(fifo)
+            spec = {"cmd": "bash", "args": ["-c", TICKER, fifo]}
+        else:
+            spec = {"cmd": "sh", "args": ["-c", SLEEP_TICKER]}
+        self.figures["scale child"] = " ".join([spec["cmd"]] + spec["args"])
+        sel, socks = self.open_streams(server, count, spec, "tick")
+        keys = [sel.get_key(sock) for sock in socks]
+        try:
+            deadline = start + 120
+            while time.monotonic() < deadline and not all(k.data["ticks"] for k in keys):
+                self.pump(sel, time.monotonic() + 0.2)
+            ramp = time.monotonic() - start
+            for key in keys:
+                key.data["ticks"][:] = key.data["ticks"][-1:]
+            cpu, begin = proc_cpu(pid), time.monotonic()
+            rss = []
+            end = begin + window
+            while time.monotonic() < end:
+                self.pump(sel, min(end, time.monotonic() + 0.5))
+                rss.append(proc_status(pid, "VmRSS"))
+            cpu = proc_cpu(pid) - cpu
+            with Conn(server) as conn:
+                listed = conn.request("GET", "/process").json()
+            alive = sum(1 for p in listed if pid_alive(p["pid"]))
+            gaps = []
+            for key in keys:
+                ticks = key.data["ticks"] + [end]
+                gaps.append(max(b - a for a, b in zip(ticks, ticks[1:])) if len(ticks) > 1 else window)
+            rss_peak = max(rss)
+        finally:
+            self.close_streams(server, sel, socks)
+        worst = max(gaps)
+        self.figures["scale"] = dict(
+            streams=count, ramp_s=ramp, alive=alive, window_s=window, worst_gap_s=worst,
+            median_gap_s=median(gaps), idle_rss_mib=idle_rss / MIB, rss_mib=rss_peak / MIB,
+            rss_per_stream_kib=(rss_peak - idle_rss) / count / 1024, server_cpu_s=cpu,
+            max_procs_default=rexec.DEFAULT_MAX_PROCS)
+        f = self.figures["scale"]
+        self.row("%d ticking streams: alive" % count, "%d (ramp %.1f s)" % (alive, ramp), "-", None,
+                 "all %d" % count, alive == count)
+        self.row("%d ticking streams: worst gap between lines" % count, "%.2f s" % worst,
+                 "median %.2f s" % f["median_gap_s"], None, "<= 1.5 s", worst <= 1.5)
+        self.row("%d ticking streams: server RSS" % count, "%.1f MiB" % f["rss_mib"],
+                 "idle %.1f MiB, +%.0f KiB/stream" % (f["idle_rss_mib"], f["rss_per_stream_kib"]),
+                 None, "< 100 MiB", f["rss_mib"] < 100)
+
+    # -- 6. memory under a flood -----------------------------------------------
+
+    def flood(self, name, server, tls=False):
+        pid, size = server.proc.pid, self.sizes["flood_bytes"]
+        self.echo_rexec(server.port, "warm", tls)
+        time.sleep(0.3)
+        idle, hwm_before = proc_status(pid, "VmRSS"), proc_status(pid, "VmHWM")
+        samples, stop = [], threading.Event()
+
+        def sampler():
+            while not stop.wait(0.005):
+                samples.append(proc_status(pid, "VmRSS"))
+        thread = threading.Thread(target=sampler)
+        thread.start()
+        try:
+            with bench_connect(server.port, tls) as sock:
+                sock.sendall(post_request({"alias": "flood", "cmd": "head",
+                                           "args": ["-c", str(size), "/dev/zero"]}))
+                time.sleep(self.sizes["flood_pause"])       # paused
+                pause_end = time.monotonic() + self.sizes["flood_pause"]
+                while time.monotonic() < pause_end:          # slow: 64 KiB per 5 ms
+                    sock.recv(65536)
+                    time.sleep(0.005)
+                drain(sock, bytearray(MIB))
+        finally:
+            stop.set()
+            thread.join()
+        hwm = proc_status(pid, "VmHWM")
+        peak = max(samples + ([hwm] if hwm > hwm_before else []))
+        growth = (peak - idle) / MIB
+        self.figures["flood " + name] = dict(idle_rss_mib=idle / MIB, peak_rss_mib=peak / MIB,
+                                             growth_mib=growth, bytes=size)
+        self.row("flood to a paused client (%s): peak RSS" % name, "+%.1f MiB" % growth,
+                 "idle %.1f MiB" % (idle / MIB), None, "< 16 MiB", growth < 16)
+
+    # -- the run -------------------------------------------------------------
+
+    PARTS = ("stream", "latency", "rate", "first-byte", "kill", "scale", "idle", "flood")
+
+    @contextlib.contextmanager
+    def server(self, tls=False, prelude=None):
+        """A fresh rexec server (HTTPS with the throwaway certificate if `tls`)."""
+        server = Server(*(("--certfile", self.tls[0], "--keyfile", self.tls[1]) if tls else ()),
+                        prelude=prelude)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    def run(self, parts):
+        clients = ("curl", "python") if CURL else ("python",)
+        if not self.tls:
+            print("  (no openssl: the TLS rows are skipped)", file=sys.stderr)
+        if "stream" in parts:
+            for tls in (False, True) if self.tls else (False,):
+                with self.server(tls) as server:
+                    for client in clients:
+                        self.stream(server, tls, client)
+        with self.server() as server:
+            if "latency" in parts:
+                self.latency(server)
+            if "rate" in parts:
+                self.rate(server)
+            if "first-byte" in parts:
+                self.first_byte(server)
+            if "kill" in parts:
+                self.kill_latency(server, chatty=False)
+                self.kill_latency(server, chatty=True)
+        with self.server() as server:   # a fresh one: its idle RSS is the baseline for scale
+            if "scale" in parts:
+                self.scale(server)
+            if "idle" in parts:
+                self.idle_cpu(server)
+        if "flood" in parts:
+            modes = [("splice", None)] if rexec.CAN_SPLICE else []
+            modes.append(("copy", "rexec.CAN_SPLICE = False"))
+            for name, prelude in modes:
+                with self.server(prelude=prelude) as server:
+                    self.flood(name, server)
+            if self.tls:
+                with self.server(tls=True) as server:
+                    self.flood("TLS", server, tls=True)
+
+
+def machine_info():
+    model = "?"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return dict(nproc=os.cpu_count(), cpu=model, kernel=os.uname().release,
+                python=sys.version.split()[0], date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                load=" ".join("%.2f" % x for x in os.getloadavg()))
+
+
+def format_table(rows):
+    """Markdown: ratios first, then the figures."""
+    lines = ["| measure | ratio | target | met | rexec | baseline |",
+             "| --- | ---: | --- | --- | ---: | --- |"]
+    for name, value, baseline, ratio, target, met in rows:
+        lines.append("| %s | %s | %s | %s | %s | %s |" % (
+            name, "%.2fx" % ratio if ratio is not None else "", target or "",
+            {True: "met", False: "**missed**", None: ""}[met], value, baseline))
+    return "\n".join(lines)
+
+
+def bench_main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(prog="test_rexec.py bench",
+                                     description="Benchmark rexec against bare baselines.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes and counts (a smoke run of about a minute)")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    parser.add_argument("--only", metavar="PARTS", default=",".join(Bench.PARTS),
+                        help="comma-separated parts to run (default all: %(default)s)")
+    options = parser.parse_args(argv)
+    parts = options.only.split(",")
+    if not set(parts) <= set(Bench.PARTS):
+        parser.error("unknown part(s): %s" % ", ".join(sorted(set(parts) - set(Bench.PARTS))))
+    if sys.version_info < (3, 7):
+        print("the benchmark needs Python 3.7 or newer", file=sys.stderr)
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sizes = QUICK if options.quick else FULL
+    info = machine_info()
+    tmp = tempfile.mkdtemp(prefix="rexec-bench-")
+    try:
+        bench = Bench(sizes, tmp)
+        bench.run(parts)
+    finally:
+        shutil.rmtree(tmp, True)
+    info["load_after"] = " ".join("%.2f" % x for x in os.getloadavg())
+    print("rexec %s benchmark%s: %d CPU(s) %s, Linux %s, Python %s, %s, load %s -> %s" % (
+        rexec.__version__, " (--quick)" if options.quick else "", info["nproc"], info["cpu"],
+        info["kernel"], info["python"], info["date"], info["load"], info["load_after"]))
+    print(format_table(bench.rows))
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump(dict(machine=info, quick=options.quick, sizes=sizes, figures=bench.figures,
+                           targets=[dict(measure=r[0], ratio=r[3], target=r[4], met=r[5])
+                                    for r in bench.rows]), handle, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
