@@ -1726,26 +1726,6 @@ def closed_port():
         return probe.getsockname()[1]
 
 
-def make_certificates(directory):
-    """A test CA, a server certificate for 127.0.0.1 and a client certificate, by
-    the openssl CLI (Python 3.13 verifies strictly: critical CA extensions, key ids)."""
-    def openssl(*args):
-        subprocess.check_call(["openssl"] + list(args), cwd=directory,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=rexec test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    for name, usage in (("server", "serverAuth"), ("client", "clientAuth")):
-        with open(os.path.join(directory, name + ".ext"), "w") as handle:
-            handle.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-                         "keyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n"
-                         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" % usage)
-        openssl("req", *key, "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=127.0.0.1")
-        openssl("x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", name + ".ext", "-out", name + ".pem")
-
-
 class ClientTests(ServerTestCase):
     """rexec.py run|ps|kill as a child process against real servers."""
 
@@ -1922,13 +1902,12 @@ class ClientTests(ServerTestCase):
             handle.write("s3cret\n")
         self.assertEqual(self.client("ps", "--url", server.url, "--token-file", token_file)[0], 0)
 
-    @unittest.skipIf(shutil.which("openssl") is None, "needs the openssl command")
+    @unittest.skipIf(OPENSSL is None, "needs the openssl command")
     def test_https_and_mutual_tls(self):
-        certs = self.tmpdir()
-        make_certificates(certs)
-        pem = lambda name: os.path.join(certs, name)  # noqa: E731
+        pem = make_test_pki(self.tmpdir()).get
+        # on every loopback address, so that one not in the certificate can be tried
         server = Server("--certfile", pem("server.pem"), "--keyfile", pem("server.key"),
-                        "--client-ca", pem("ca.pem"))
+                        "--client-ca", pem("ca.pem"), ip="0.0.0.0")
         self.addCleanup(server.stop)
         url = "https://127.0.0.1:%d" % server.port
         mutual = ["--cacert", pem("ca.pem"), "--cert", pem("client.pem"), "--key", pem("client.key")]
@@ -1939,10 +1918,10 @@ class ClientTests(ServerTestCase):
         status, _, err = self.client("run", "--url", url, "--", "true")   # an unknown CA
         self.assertEqual(status, 125)
         self.assertOneLine(err, "CERTIFICATE_VERIFY_FAILED")
-        status, _, err = self.client("run", "--url", "https://localhost:%d" % server.port,
+        status, _, err = self.client("run", "--url", "https://127.0.0.2:%d" % server.port,
                                      *mutual + ["--", "true"])   # not the name in its certificate
         self.assertEqual(status, 125)
-        self.assertOneLine(err, "localhost")
+        self.assertOneLine(err, "127.0.0.2")
 
     def test_bad_arguments_exit_2_with_one_line(self):
         for args in (["run"], ["run", "--url", "ftp://x", "--", "true"], ["run", "-e", "NOEQ", "--", "true"],
@@ -1970,15 +1949,11 @@ COUNT_SPLICES = ("_splice = rexec.os.splice; rexec.os.splice = lambda *a, **k: "
 
 
 def throwaway_cert(directory):
-    """A self-signed certificate and key for 127.0.0.1 (openssl CLI), or None."""
+    """A server certificate and key for 127.0.0.1 (make_test_pki), or None without openssl."""
     if not OPENSSL:
         return None
-    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    done = subprocess.run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                           "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-                           "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return (cert, key) if done.returncode == 0 else None
+    pki = make_test_pki(directory)
+    return pki["server.pem"], pki["server.key"]
 
 
 def client_tls_context():
