@@ -95,6 +95,13 @@ SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stder
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 CAN_SPLICE = hasattr(os, "splice")
 CAN_PIDFD = hasattr(os, "pidfd_open")
+CAN_EVENTFD = hasattr(os, "eventfd")   # 3.10+: one descriptor, and no pipe, per wake-up channel
+WAKE = (1).to_bytes(8, sys.byteorder)  # adds 1 to an eventfd's counter; 8 bytes in a pipe
+# A stream waits on a handful of descriptors for a short while: poll(2) needs no
+# descriptor of its own and no syscall per (un)registration, as epoll does.
+# Linux only: macOS's poll(2) does not serve terminals (tty streams).
+StreamSelector = (selectors.PollSelector if sys.platform.startswith("linux")
+                  else selectors.DefaultSelector)
 
 log = logging.getLogger("rexec")
 
@@ -445,11 +452,13 @@ class Process:
     def start(self):
         """Start the child; raises OSError when it cannot start."""
         spec = self.spec
-        env = dict(os.environ)
-        env.update(spec.envs)
+        env = dict(os.environ, **spec.envs) if spec.envs else None   # None: no copying
         stdin = subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE
-        self.wake_fd, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        if CAN_EVENTFD:
+            self.wake_fd = self._wake_w = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        else:
+            self.wake_fd, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_w, False)
         try:
             if spec.tty:
                 self.output_fd, slave = open_pty()
@@ -478,7 +487,7 @@ class Process:
                 self.reason = reason
             if self._wake_w is not None:
                 try:
-                    os.write(self._wake_w, b"!")
+                    os.write(self._wake_w, WAKE)
                 except OSError:  # full: a wake-up is already waiting
                     pass
 
@@ -490,11 +499,11 @@ class Process:
             return self.reason
 
     def close(self):
-        """Close every descriptor this side holds (the wake pipe under the lock:
-        a late stop() must never write into a reused descriptor number)."""
+        """Close every descriptor this side holds (the wake-up channel under the
+        lock: a late stop() must never write into a reused descriptor number)."""
         with self._lock:
-            fds, self.wake_fd, self._wake_w = (self.wake_fd, self._wake_w), None, None
-        for fd in fds + ((self.output_fd,) if self.spec.tty else ()):
+            fds, self.wake_fd, self._wake_w = {self.wake_fd, self._wake_w}, None, None
+        for fd in list(fds) + ([self.output_fd] if self.spec.tty else []):
             if fd is not None:
                 os.close(fd)
         if self.popen:
@@ -539,7 +548,7 @@ class Stream:
 
     def run(self):
         """Stream until the child is gone and reaped; returns its exit code."""
-        sel = selectors.DefaultSelector()
+        sel = StreamSelector()
         try:
             self._watch_exit()
             if self.stdin_fd is not None:
@@ -904,15 +913,28 @@ class Metrics:
 def printable(value):
     """A log-safe rendering: no control characters, quoted when it has spaces."""
     text = str(value)
-    if text and all(c.isprintable() and not c.isspace() for c in text):
+    # isprintable() is False for every whitespace character but the ASCII space
+    if text and text.isprintable() and " " not in text:
         return text
     return json.dumps(text)
 
 
+class Event:
+    """A log record's message: an event name and its fields, rendered as
+    'event k=v ...' only when a text handler formats it."""
+
+    __slots__ = ("event", "fields")
+
+    def __init__(self, event, fields):
+        self.event, self.fields = event, fields
+
+    def __str__(self):
+        return " ".join([self.event] + ["%s=%s" % (k, printable(v)) for k, v in self.fields.items()])
+
+
 def log_event(level, event, **fields):
     """One log line: 'event k=v ...' as text, or the fields as a JSON object."""
-    text = " ".join([event] + ["%s=%s" % (k, printable(v)) for k, v in fields.items()])
-    log.log(level, "%s", text, extra={"fields": dict(fields, event=event)})
+    log.log(level, Event(event, fields))
 
 
 class JsonFormatter(logging.Formatter):
@@ -920,8 +942,11 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record):
         entry = {"time": round(record.created, 3), "level": record.levelname.lower()}
-        fields = getattr(record, "fields", None)
-        entry.update(fields) if fields else entry.update(message=record.getMessage())
+        if isinstance(record.msg, Event):
+            entry["event"] = record.msg.event
+            entry.update(record.msg.fields)
+        else:
+            entry["message"] = record.getMessage()
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -932,6 +957,11 @@ def setup_logging(verbosity, fmt):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    # No line shows the thread, process or source line of a record: don't look
+    # them up for each one (the logging HOWTO's "Optimization" section).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False
+    logging._srcfile = None
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel([logging.INFO, logging.DEBUG, TRACE][min(verbosity, 2)])
@@ -1215,6 +1245,19 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         writer = BodyWriter(self.connection, chunked)
         stream = Stream(proc, self.connection, writer, self.server.grace)
         try:
+            self._pump(stream, chunked)
+        finally:
+            # Accounting comes after the last chunk: the client need not wait for it.
+            self.sent = stream.sent
+            self.server.metrics.count_exit(proc.reason, stream.sent)
+            log_event(logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
+                      exit=proc.exit_code, reason=proc.reason,
+                      duration="%.3fs" % (time.monotonic() - proc.started_mono), bytes=stream.sent)
+
+    def _pump(self, stream, chunked):
+        """Send the head, run the stream, free the alias, then send the last chunk."""
+        proc, writer = stream.proc, stream.writer
+        try:
             try:
                 self._send_stream_head(chunked)
             except OSError as exc:  # gone already; the stream still ends the group
@@ -1224,13 +1267,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             stream.run()
         finally:
             stream.end()   # run() ends it; this covers a failure before or inside run()
-            self.sent = stream.sent
             self.server.registry.release(proc)   # before the last chunk: the alias is free
             proc.done.set()
-            self.server.metrics.count_exit(proc.reason, stream.sent)
-            log_event(logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
-                      exit=proc.exit_code, reason=proc.reason,
-                      duration="%.3fs" % (time.monotonic() - proc.started_mono), bytes=stream.sent)
         if stream.client_gone or stream.data_lost or not chunked:
             self.close_connection = True
         try:
