@@ -991,7 +991,12 @@ class OperatingTests(ServerTestCase):
         conn.head()
         self.assertEqual(self.metrics()["rexec_processes_running"], 1)
         conn.close()
-        self.assertTrue(wait_for(lambda: self.metrics()["rexec_processes_running"] == 0))
+        gone = 'rexec_process_exits_total{reason="disconnect"}'
+
+        def settled():   # exits are counted once the stream's last chunk is out
+            now = self.metrics()
+            return now["rexec_processes_running"] == 0 and now[gone] == before.get(gone, 0) + 1
+        self.assertTrue(wait_for(settled))
         after = self.metrics()
 
         def delta(name):
