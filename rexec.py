@@ -1054,13 +1054,25 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader)
 
     def finish(self):
+        tls = self.server.ssl_context is not None
         try:
             super().finish()
+            if tls:
+                self._send_close_notify()
             if self.unread_body:
                 self._discard_unread_body()
         finally:
-            if self.server.ssl_context is not None:
+            if tls:
                 self.connection.close()
+
+    def _send_close_notify(self):
+        """End TLS with a close_notify alert: without it a client cannot tell a
+        body that ends with the connection (HTTP/1.0) from one cut off, and
+        strict clients report the end as an error.  Not waiting for the peer's
+        own alert: the connection is closing either way."""
+        with contextlib.suppress(OSError, ValueError):   # SSLWantRead, or the peer is gone
+            self.connection.setblocking(False)
+            self.connection.unwrap()
 
     def _discard_unread_body(self):
         """Closing with unread bytes makes the kernel reset the connection, which

@@ -1506,6 +1506,28 @@ class TLSTests(unittest.TestCase):
         self.assertTrue(wait_for(lambda: not pid_alive(pid)))
         server.wait_log(r"end alias=s pid=%d .*reason=disconnect" % pid)
 
+    def test_tls_connections_end_with_close_notify(self):
+        # HTTP/1.0 ends the body with the connection: only a close_notify tells the
+        # client it has all of it.  A strict reader (suppress_ragged_eofs=False)
+        # raises SSLEOFError on a bare TCP close and reads b"" after the alert.
+        server = self.start()
+        for version, request in (("HTTP/1.0", b"POST /process HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"),
+                                 ("HTTP/1.1", b"POST /process HTTP/1.1\r\nConnection: close\r\n"
+                                  b"Content-Length: %d\r\n\r\n%s")):
+            with self.subTest(version):
+                body = json.dumps({"alias": "n", "cmd": "printf", "args": ["whole"]}).encode()
+                sock = client_tls_context().wrap_socket(server.connect(), suppress_ragged_eofs=False)
+                with sock:
+                    sock.sendall(request % (len(body), body))
+                    raw = b""
+                    while True:
+                        data = sock.recv(1 << 16)   # an SSLEOFError here fails the test
+                        if not data:
+                            break
+                        raw += data
+                self.assertTrue(raw.endswith(b"whole" if version == "HTTP/1.0" else
+                                             b"Rexec-Reason: exit\r\n\r\n"), raw)
+
     def test_tls_minimum_version_without_deprecation_warnings(self):
         import argparse
         import ssl
@@ -1989,8 +2011,8 @@ def client_tls_context():
 
 
 def read_to_eof(sock):
-    """Everything until the peer closes.  rexec closes TLS without a close_notify,
-    which some Pythons report as an SSLError: that counts as the end here."""
+    """Everything until the peer closes.  An SSLError at the end (a peer that
+    closes without a close_notify) counts as the end here."""
     parts = []
     while True:
         try:
