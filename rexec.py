@@ -64,6 +64,7 @@ __version__ = "1.0.0"
 DEFAULT_IP = "0.0.0.0"
 DEFAULT_PORT = 8910
 DEFAULT_GRACE = 3.0          # seconds a process group gets between SIGTERM and SIGKILL
+MAX_GRACE = 3600.0           # a longer --grace is a typo, and overflows the shutdown's wait
 DEFAULT_MAX_PROCS = 1024     # concurrent processes; high enough for a 1000-stream fleet
 MAX_BODY = 1 << 20           # request bodies above this get 413 without being read
 READ_SIZE = 64 * 1024        # the most output a copied chunk holds in memory
@@ -74,6 +75,7 @@ PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for f
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
 WRITE_TIMEOUT = 30.0         # seconds a client that stopped reading may hold up a stream's end
 HANDSHAKE_TIMEOUT = 10.0     # seconds for a TLS handshake, on the connection's own thread
+EARLY_LIMIT = 64 * 1024      # bytes of a client's next request held while its stream runs
 LINGER_TIME = 1.0            # seconds spent discarding an unread body before closing
 THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in little memory
 LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
@@ -518,7 +520,10 @@ class Process:
         lock: a late stop() must never write into a reused descriptor number)."""
         with self._lock:
             fds, self.wake_fd, self._wake_w = {self.wake_fd, self._wake_w}, None, None
-        for fd in list(fds) + ([self.output_fd] if self.spec.tty else []):
+            if self.spec.tty:   # a pipe is closed with its Popen file object below
+                fds.add(self.output_fd)
+                self.output_fd = None
+        for fd in fds:
             if fd is not None:
                 os.close(fd)
         if self.popen:
@@ -539,19 +544,19 @@ class Stream:
     stream costs no CPU, and nothing but a timer wakes it.
     """
 
-    def __init__(self, proc, sock, writer, grace):
+    def __init__(self, proc, sock, writer, grace, early, on_reaped):
         self.proc = proc
+        self.on_reaped = on_reaped   # frees the alias: called once the child is reaped
         self.sock = sock
+        self.early = early           # what the client sends meanwhile: its next request
         self.writer = writer
         self.grace = grace
-        self.tls = writer.tls
         self.splice = CAN_SPLICE and not writer.tls and not proc.spec.tty
         self.grow_pipe = bool(F_SETPIPE_SZ) and not proc.spec.tty   # see _grow_pipe()
         self.deadline = proc.started_mono + proc.spec.timeout if proc.spec.timeout else None
         self.output_open = True
-        self.watch_client = True     # off once the client sends more (its next request)
+        self.watch_client = True     # off once EARLY_LIMIT bytes of its next request are in
         self.client_gone = False
-        self.data_lost = False       # a TLS client's early byte was read: close after this
         self.exited = False
         self.term_at = None          # monotonic time the group got SIGTERM
         self.killed = False          # SIGKILL sent
@@ -585,7 +590,8 @@ class Stream:
         proc = self.proc
         self._want(sel, proc.wake_fd, selectors.EVENT_READ, self._on_wake)
         if self._exit_fd is not None:
-            self._want(sel, self._exit_fd, 0 if self.exited else selectors.EVENT_READ, self._on_exit)
+            self._want(sel, self._exit_fd, 0 if self.exited else selectors.EVENT_READ,
+                       self._on_exit)
         reading = self.output_open and (self.writer.idle or self.client_gone)
         self._want(sel, proc.output_fd, selectors.EVENT_READ if reading else 0, self._on_output)
         sock_events = 0
@@ -596,7 +602,8 @@ class Stream:
                 sock_events |= selectors.EVENT_WRITE
         self._want(sel, self.sock, sock_events, self._on_socket)
         if self.stdin_fd is not None:
-            self._want(sel, self.stdin_fd, selectors.EVENT_WRITE if self.stdin else 0, self._on_stdin)
+            self._want(sel, self.stdin_fd, selectors.EVENT_WRITE if self.stdin else 0,
+                       self._on_stdin)
             if not self.stdin:  # all fed (or refused): the child sees EOF
                 proc.popen.stdin.close()
                 self.stdin_fd = None
@@ -739,12 +746,11 @@ class Stream:
             self._check_client()
 
     def _check_client(self):
-        """The socket is readable while we only write: EOF means the client left."""
+        """The socket is readable while we only write: EOF means the client left.
+        Bytes are its next request, kept for after the stream: peeking instead
+        would stop the watch for EOF at the first byte, and TLS cannot peek."""
         try:
-            if self.tls:  # no MSG_PEEK through TLS: a byte read here is lost
-                data = self.sock.recv(1)
-            else:
-                data = self.sock.recv(1, socket.MSG_PEEK)
+            data = self.sock.recv(EARLY_LIMIT - len(self.early))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -754,8 +760,9 @@ class Stream:
                 raise
             data = b""
         if data:
-            self.watch_client = False  # it sent its next request; write errors still tell
-            self.data_lost = self.tls
+            self.early += data
+            # Beyond the limit the kernel holds the rest; write errors still tell.
+            self.watch_client = len(self.early) < EARLY_LIMIT
         else:
             self.lose_client()
 
@@ -797,6 +804,8 @@ class Stream:
         if self.term_at is not None and not self.killed and now >= self.term_at + self.grace:
             signal_group(self.proc.pid, signal.SIGKILL)
             self.killed = True
+        if self.exited and self.killed and self.proc.exit_code is None:
+            self._reap()   # nothing left to signal: a client slow to take the rest holds no alias
         if self.exited and not self.writer.idle and now >= self.writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()  # the child is dead and the client stopped reading
 
@@ -811,16 +820,21 @@ class Stream:
 
     def end(self):
         """Every way out: kill what is left of the group, reap, close.  Idempotent."""
+        if self.proc.exit_code is None:
+            signal_group(self.proc.pid, signal.SIGKILL)
+            self._reap()
+        if self._exit_fd is not None:
+            os.close(self._exit_fd)
+            self._exit_fd = None
+        self.proc.close()
+
+    def _reap(self):
+        """Collect the exited child's status and free its alias."""
         proc = self.proc
-        if proc.exit_code is not None:
-            return
-        signal_group(proc.pid, signal.SIGKILL)
         proc.popen.wait()
         proc.exit_code = proc.popen.returncode
         proc.settle_reason("exit")
-        if self._exit_fd is not None:
-            os.close(self._exit_fd)
-        proc.close()
+        self.on_reaped()
 
 
 # --------------------------------------------------------------------------
@@ -990,16 +1004,23 @@ def setup_logging(verbosity, fmt):
 class DeadlineReader(io.RawIOBase):
     """Socket reads that share one deadline, so a request trickled in a byte at
     a time is cut off as surely as a silent one (the socket's own timeout
-    restarts with every byte)."""
+    restarts with every byte).  Bytes a stream read off the socket meanwhile
+    (`early`) come first."""
 
     def __init__(self, sock):
         self.sock = sock
         self.deadline = None
+        self.early = bytearray()   # the next request, read while a stream ran
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
+        if self.early:
+            count = min(len(buffer), len(self.early))
+            buffer[:count] = self.early[:count]
+            del self.early[:count]
+            return count
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
@@ -1152,7 +1173,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                           printable(self.path.partition("?")[0]))   # a query may hold secrets
             self.close_connection = True
             if self.status is None:
-                self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server log")
+                self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR,
+                               "internal error; see the server log")
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
@@ -1211,7 +1233,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
         length = self.headers.get("Content-Length")
         if length is None:
-            raise Refused(HTTPStatus.LENGTH_REQUIRED, "a JSON body with a Content-Length is required")
+            raise Refused(HTTPStatus.LENGTH_REQUIRED,
+                          "a JSON body with a Content-Length is required")
         length = int(length)   # _check_framing made sure it is digits
         if length > MAX_BODY:
             raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -1251,12 +1274,20 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                   stdin_bytes=None if spec.stdin is None else len(spec.stdin),
                   stderr=spec.stderr, tty=spec.tty)
         proc = Process(spec)
-        server.registry.claim(proc)
+        # Counted from before the claim: a shutdown that comes while Popen runs
+        # must wait for this stream, or the child it is starting is orphaned.
+        with server.stream_tracker():
+            server.registry.claim(proc)
+            self._spawn(proc)
+            self._stream(proc)
+
+    def _spawn(self, proc):
+        """Start the claimed proc, or free its alias and refuse with 404."""
+        server, spec = self.server, proc.spec
         try:
             proc.start()
         except BaseException as exc:
-            server.registry.release(proc)
-            proc.done.set()   # a DELETE that came between claim and start waits on this
+            self._release(proc)   # a DELETE that came between claim and start waits on it
             if not isinstance(exc, OSError):
                 raise
             server.metrics.count(spawn_failures=1)
@@ -1265,13 +1296,12 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.NOT_FOUND, "cannot start %r: %s" % (spec.cmd, os_reason(exc)))
         server.metrics.count(started=1)
         log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd)
-        with server.stream_tracker():
-            self._stream(proc)
 
     def _stream(self, proc):
         chunked = self.request_version != "HTTP/1.0"
         writer = BodyWriter(self.connection, chunked)
-        stream = Stream(proc, self.connection, writer, self.server.grace)
+        stream = Stream(proc, self.connection, writer, self.server.grace, self.reader.early,
+                        on_reaped=lambda: self._release(proc))
         try:
             self._pump(stream, chunked)
         finally:
@@ -1295,17 +1325,24 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             stream.run()
         finally:
             stream.end()   # run() ends it; this covers a failure before or inside run()
-            self.server.registry.release(proc)   # before the last chunk: the alias is free
-            proc.done.set()
-        if stream.client_gone or stream.data_lost or not chunked:
+            self._release(proc)   # before the last chunk: the alias is free
+        if stream.client_gone or not chunked:
             self.close_connection = True
+        if self.close_connection and self.reader.early:   # closing with bytes unread
+            self.unread_body = True   # would reset the connection over the stream's end
         try:
             if not stream.client_gone:
-                writer.finish([("Rexec-Exit-Code", str(proc.exit_code)), ("Rexec-Reason", proc.reason)])
+                writer.finish([("Rexec-Exit-Code", str(proc.exit_code)),
+                               ("Rexec-Reason", proc.reason)])
         except ClientDisconnected:
             self.close_connection = True
         finally:
             self.connection.settimeout(self.timeout)
+
+    def _release(self, proc):
+        """Free proc's alias and answer DELETEs waiting for it.  Idempotent."""
+        self.server.registry.release(proc)
+        proc.done.set()
 
     def _send_stream_head(self, chunked):
         self.send_response(HTTPStatus.OK)
@@ -1510,13 +1547,15 @@ class ArgumentParser(argparse.ArgumentParser):
 def server_arguments():
     parser = ArgumentParser(prog="rexec", description="Run processes for HTTP clients and "
                             "stream their stdout.  Client: rexec.py run|ps|kill --help.")
-    parser.add_argument("-i", "--ip", default=DEFAULT_IP, help="address to bind (default %(default)s)")
+    parser.add_argument("-i", "--ip", default=DEFAULT_IP,
+                        help="address to bind (default %(default)s)")
     parser.add_argument("-p", "--port", type=port_number, default=DEFAULT_PORT,
                         help="port to bind, 0 for any (default %(default)s)")
     parser.add_argument("-v", dest="verbosity", action="count", default=0,
                         help="-v logs requests and details, -vv every chunk")
-    parser.add_argument("--grace", type=seconds, default=DEFAULT_GRACE,
-                        help="seconds between SIGTERM and SIGKILL (default %(default)s)")
+    parser.add_argument("--grace", type=grace_seconds, default=DEFAULT_GRACE,
+                        help="seconds between SIGTERM and SIGKILL, at most %d "
+                        "(default %%(default)s)" % MAX_GRACE)
     parser.add_argument("--token-file", help="file whose first line is the bearer token "
                         "(or set REXEC_TOKEN)")
     parser.add_argument("--no-auth", action="store_true",
@@ -1547,6 +1586,13 @@ def seconds(text):
     return value
 
 
+def grace_seconds(text):
+    value = seconds(text)
+    if value > MAX_GRACE:
+        raise ValueError(text)
+    return value
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -1559,7 +1605,9 @@ class ConfigError(Exception):
 
 
 def load_token(options):
-    """The bearer token as bytes, from --token-file or REXEC_TOKEN; None if neither."""
+    """The bearer token as bytes, from --token-file or REXEC_TOKEN; None if neither.
+    REXEC_TOKEN leaves the environment either way: children inherit it."""
+    env_token = os.environ.pop("REXEC_TOKEN", None)
     if options.token_file:
         try:
             with open(options.token_file, encoding="utf-8") as handle:
@@ -1570,9 +1618,10 @@ def load_token(options):
         if mode & 0o077:
             log.warning("%s is readable by group or others; chmod 600 it", options.token_file)
         source = "--token-file"
-    elif "REXEC_TOKEN" in os.environ:
-        # popped: children inherit rexec's environment and must not see the token
-        token, source = os.environ.pop("REXEC_TOKEN").strip(), "REXEC_TOKEN"
+        if env_token is not None:
+            log.warning("REXEC_TOKEN is ignored: --token-file holds the token")
+    elif env_token is not None:
+        token, source = env_token.strip(), "REXEC_TOKEN"
     else:
         return None
     if not token:
@@ -1619,13 +1668,15 @@ def serve(argv):
         return 2
     raise_fd_limit()
     threading.stack_size(THREAD_STACK_SIZE)
-    # The handler only writes a byte: setting a threading.Event from a signal
-    # handler deadlocks if the signal lands while the main thread holds the
-    # Event's own lock.
+    # The C-level handler writes the signal number to stop_w, on whichever
+    # thread the kernel picked. A Python handler would run only on the main
+    # thread, and only once its read() returned: under load the signal lands
+    # on a spawning thread, read() never sees EINTR, and the stop is lost.
     stop_r, stop_w = os.pipe()
     os.set_blocking(stop_w, False)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: _write_quietly(stop_w, b"."))
+        signal.signal(signum, lambda *_: None)
+    signal.set_wakeup_fd(stop_w)
     try:
         server = RexecServer(options, inherited_socket_fd())
     except (OSError, OverflowError) as exc:
@@ -1648,13 +1699,6 @@ def serve(argv):
     server.server_close()
     log.info("stopped")
     return 0
-
-
-def _write_quietly(fd, data):
-    try:
-        os.write(fd, data)
-    except BlockingIOError:   # a flood of signals: one byte is enough
-        pass
 
 
 # --------------------------------------------------------------------------
@@ -1712,8 +1756,16 @@ def describe_error(exc):
 
 # -- the chunked stream, read here because http.client discards trailers ----
 
+def from_server(read, size):
+    """read(size) from the server's stream; a reset or a TLS failure is EXIT_LOST."""
+    try:
+        return read(size)
+    except OSError as exc:   # ssl.SSLError and socket.timeout are OSErrors too
+        raise ClientError(EXIT_LOST, "the connection broke: %s" % describe_error(exc))
+
+
 def read_line(fp):
-    line = fp.readline(MAX_LINE)
+    line = from_server(fp.readline, MAX_LINE)
     if not line.endswith(b"\n"):
         raise ClientError(EXIT_LOST, "the stream broke off before its end" if len(line) < MAX_LINE
                           else "the stream is not chunked framing")
@@ -1731,7 +1783,7 @@ def copy_chunks(fp, write):
         if not left:
             break
         while left:
-            data = fp.read1(min(left, READ_SIZE))   # a large chunk goes out as it comes in
+            data = from_server(fp.read1, min(left, READ_SIZE))   # out as it comes in
             if not data:
                 raise ClientError(EXIT_LOST, "the stream broke off in a chunk")
             write(data)
@@ -1976,10 +2028,11 @@ def client_options(argv):
     parser = client_arguments()
     options = parser.parse_args(argv)
     default = os.environ.get("REXEC_URL", DEFAULT_URL)
-    try:
-        server_url(default)
-    except ValueError:
-        parser.error("REXEC_URL is not an http:// or https:// URL: %r" % default)
+    if not options.url:   # checked only when it is used: --url overrides it
+        try:
+            server_url(default)
+        except ValueError:
+            parser.error("REXEC_URL is not an http:// or https:// URL: %r" % default)
     if options.command == "run":
         options.url = options.url or [default]
     else:
@@ -2039,6 +2092,11 @@ def client_main(argv):
             return {"ps": list_processes, "kill": kill_process}[options.command](options)
         except ClientError as exc:
             raise ClientError(exc.status, "%s: %s" % (options.url, exc))
+        except BrokenPipeError:   # our stdout closed early
+            return 128 + signal.SIGPIPE
+        except (OSError, http.client.HTTPException) as exc:   # the answer broke off
+            raise ClientError(EXIT_LOST, "%s: the connection broke: %s"
+                              % (options.url, describe_error(exc)))
     except ClientError as exc:
         say(exc)
         return exc.status

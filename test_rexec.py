@@ -261,6 +261,26 @@ def wait_for(predicate, timeout=10, interval=0.02):
     return predicate()
 
 
+def pids_running(word):
+    """Pids whose command line has `word` as an argument (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    if word.encode() in handle.read().split(b"\0") and pid_alive(int(entry)):
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return found
+
+
+def kill_all(word):
+    for pid in pids_running(word):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def children_of(pid):
     """Pids whose parent is `pid` (from /proc)."""
     found = []
@@ -599,6 +619,35 @@ class LifetimeTests(ServerTestCase):
         self.server.wait_log(r"end alias=s .*reason=disconnect")
         self.assertEqual(self.ps(), [])
 
+    def test_silent_child_dies_when_the_client_leaves_after_sending_more(self):
+        conn = self.start_stream({"alias": "m", "cmd": "sleep", "args": ["300"]})
+        pid = self.running_pid("m")
+        conn.send("GET", "/health")   # its next request, then it goes
+        conn.close()
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)), "sleep outlived its client")
+        self.server.wait_log(r"end alias=m .*reason=disconnect")
+
+    def test_requests_sent_during_a_stream_are_answered_after_it(self):
+        conn = self.start_stream({"alias": "q", "cmd": "sh", "args": ["-c", "sleep 0.3; echo done"]})
+        conn.send("GET", "/health")
+        conn.send("GET", "/process/none", version="HTTP/1.1")
+        response = conn.rest()
+        self.assertEqual((response.body, response.trailers["Rexec-Reason"]), (b"done\n", "exit"))
+        self.assertEqual(conn.response().body, b"ok\n")
+        self.assertEqual(conn.response().status, 501)
+
+    def test_http10_stream_with_more_requests_behind_it_arrives_whole(self):
+        # The connection closes after an HTTP/1.0 stream with the client's next
+        # request unread: a plain close() would reset it over the stream's end.
+        conn = Conn(self.server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", {"alias": "w", "cmd": "sh", "args": [
+            "-c", "sleep 0.3; head -c 3000000 /dev/zero"]}, version="HTTP/1.0")
+        conn.sock.sendall(b"GET /health HTTP/1.1\r\n\r\n" * 5000)   # past EARLY_LIMIT
+        time.sleep(1)
+        self.assertEqual(conn.head()[0], 200)
+        self.assertEqual(len(conn.file.read()), 3000000)
+
     def test_chatty_child_dies_when_the_client_leaves(self):
         conn = self.start_stream({"alias": "y", "cmd": "yes"})
         pid = self.running_pid("y")
@@ -683,6 +732,46 @@ class LifetimeTests(ServerTestCase):
         self.assertEqual(self.server.stop(signal.SIGINT), 0)
         self.assertIn("stopped", self.server.log())
 
+    def test_sigterm_during_a_burst_of_spawns_stops_it_and_orphans_nothing(self):
+        # The kernel may hand the signal to a thread that is spawning rather than
+        # to the main thread waiting for it; requests may be inside Popen when
+        # the stop comes.  Neither may lose the stop or leave a child behind.
+        marker = "7%06d" % (os.getpid() % 1000000)
+        self.addCleanup(kill_all, marker)
+        for round_ in range(5):
+            server = Server("--grace", "0.2")
+            self.addCleanup(server.stop)
+            socks = [server.connect() for _ in range(30)]
+            for i, sock in enumerate(socks):
+                self.addCleanup(sock.close)
+                body = json.dumps({"alias": "a%d" % i, "cmd": "sleep", "args": [marker]}).encode()
+                sock.sendall(b"POST /process HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.003 * round_)
+            server.proc.send_signal(signal.SIGTERM)
+            try:
+                status = server.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.fail("round %d: SIGTERM was lost" % round_)
+            self.assertEqual(status, 0)
+            self.assertEqual(pids_running(marker), [], "round %d: orphans" % round_)
+
+    def test_a_stop_while_popen_runs_ends_that_child_too(self):
+        # Popen made slow, so the stop surely comes between the claim and the start.
+        marker = "8%06d" % (os.getpid() % 1000000)
+        self.addCleanup(kill_all, marker)
+        server = Server("--grace", "0.2", prelude=(
+            "import subprocess, time; _popen = subprocess.Popen; subprocess.Popen = lambda *a, **k: "
+            "(rexec.log.warning('spawning'), time.sleep(1), _popen(*a, **k))[2]"))
+        self.addCleanup(server.stop)
+        with Conn(server) as conn:
+            conn.send("POST", "/process", {"alias": "slow", "cmd": "sleep", "args": [marker]})
+            server.wait_log("spawning")
+            server.proc.send_signal(signal.SIGTERM)
+            response = conn.response()
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "shutdown"})
+        self.assertEqual(server.proc.wait(30), 0)
+        self.assertEqual(pids_running(marker), [])
+
     def test_nothing_leaks_after_many_requests(self):
         pid = self.server.proc.pid
 
@@ -727,7 +816,7 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn(b"Address already in use", result.stderr)
 
     def test_bad_arguments_exit_2_with_one_line(self):
-        for args in (["-p", "http"], ["-p", "70000"], ["--grace", "-1"], ["--bogus"], ["--max-procs", "0"],
+        for args in (["-p", "http"], ["-p", "70000"], ["--grace", "-1"], ["--grace", "1e10"], ["--bogus"], ["--max-procs", "0"],
                      ["--log-format", "xml"], ["--token-file", "/no/such/file"], ["--keyfile", "k"]):
             with self.subTest(args=args):
                 result = self.rexec(*args)
@@ -892,6 +981,26 @@ class ControlTests(LifetimeTests.__base__):
         self.running_pid("k")
         with Conn(self.server) as other:
             self.assertEqual(other.request("DELETE", "/process/k").json(), {"alias": "k", "exit_code": -9})
+
+    def test_delete_is_answered_when_the_group_is_dead_not_when_the_client_reads(self):
+        # The child is reaped and its alias freed once the group is killed; the
+        # client that paused reading still gets the rest, then the trailers.
+        server = Server("--grace", "0.2", prelude="rexec.WRITE_TIMEOUT = 3600")
+        self.addCleanup(server.stop)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        paused = Conn(server, sock=sock)
+        self.addCleanup(paused.close)
+        paused.send("POST", "/process", {"alias": "p", "cmd": "yes"})
+        with Conn(server, timeout=60) as conn:
+            self.assertTrue(wait_for(lambda: conn.request("GET", "/process").json() != []))
+            self.assertEqual(conn.request("DELETE", "/process/p").json(), {"alias": "p", "exit_code": -15})
+            self.assertEqual(conn.request("GET", "/process").json(), [])
+            self.assertEqual(conn.request("POST", "/process", {"alias": "p", "cmd": "true"}).status, 200)
+        response = paused.response()
+        self.assertTrue(response.body.startswith(b"y\ny\n"))
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "killed"})
 
     def test_delete_unknown_alias_is_404(self):
         with Conn(self.server) as conn:
@@ -1336,6 +1445,15 @@ class SecurityTests(ServerTestCase):
         self.addCleanup(quiet.stop)
         self.assertNotIn("chmod", quiet.log())
         self.assertNotIn("file-token", server.log() + quiet.log())
+        # A REXEC_TOKEN left in the environment is ignored, and no child sees it.
+        both = Server("--token-file", path, env={"REXEC_TOKEN": "env-token-82"})
+        self.addCleanup(both.stop)
+        both.wait_log("WARNING REXEC_TOKEN is ignored: --token-file holds the token")
+        with Conn(both) as conn:
+            response = conn.request("POST", "/process", {"alias": "e", "cmd": "sh", "args": [
+                "-c", "echo ${REXEC_TOKEN-unset}"]}, headers={"Authorization": "Bearer file-token-81"})
+        self.assertEqual(response.body, b"unset\n")
+        self.assertNotIn("env-token", both.log())
 
     def test_bad_token_configurations_exit_2(self):
         directory = tempfile.mkdtemp()
@@ -1527,6 +1645,24 @@ class TLSTests(unittest.TestCase):
                         raw += data
                 self.assertTrue(raw.endswith(b"whole" if version == "HTTP/1.0" else
                                              b"Rexec-Reason: exit\r\n\r\n"), raw)
+
+    def test_requests_sent_during_a_tls_stream_are_answered_after_it(self):
+        # The watch for EOF reads what the client sends meanwhile (TLS cannot
+        # peek) and keeps it for after the stream: nothing is lost, nothing reset.
+        server = self.start()
+        conn = self.tls_conn(server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", {"alias": "p", "cmd": "sh", "args": [
+            "-c", "sleep 0.5; head -c 3000000 /dev/zero"]})
+        self.assertEqual(conn.head()[0], 200)
+        conn.send("GET", "/health")   # two TLS records, sent while the stream runs
+        conn.send("GET", "/health")
+        time.sleep(1.5)   # the stream ends into the buffers, or waits for this reader
+        response = conn.rest()
+        self.assertEqual((len(response.body), response.trailers),
+                         (3000000, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"}))
+        self.assertEqual([conn.response().body for _ in range(2)], [b"ok\n", b"ok\n"])
+        self.assertEqual(conn.request("GET", "/process").json(), [])   # still kept alive
 
     def test_tls_minimum_version_without_deprecation_warnings(self):
         import argparse
@@ -1935,6 +2071,28 @@ class ClientTests(ServerTestCase):
         self.assertEqual(proc.wait(30), 255)
         self.assertOneLine(proc.stderr.read().decode(), "the stream broke off")
 
+    def test_a_connection_reset_is_255_in_one_line(self):
+        # A server (or a proxy) that resets the connection mid-answer.
+        for command, head in ((["run", "--", "echo", "hi"],
+                               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello\n\r\n"),
+                              (["ps"], b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n[{"),
+                              (["kill", "-v", "x"], b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")):
+            with self.subTest(command=command[0]), socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen()
+                thread = threading.Thread(target=reset_after, args=(listener, head))
+                thread.start()
+                self.addCleanup(thread.join)
+                url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+                status, out, err = self.client(*(command[:1] + ["--url", url] + command[1:]))
+                self.assertEqual(status, 255)
+                self.assertEqual(out, b"hello\n" if command[0] == "run" else b"")
+                self.assertOneLine(err, "the connection broke")
+
+    def test_rexec_url_is_not_checked_when_url_is_given(self):
+        self.assertEqual(self.client("run", "--url", self.server.url, "--", "echo", "ok",
+                                     env={"REXEC_URL": "garbage"}), (0, b"ok\n", ""))
+
     def test_token(self):
         server = Server(*self.server_args, env={"REXEC_TOKEN": "s3cret"})
         self.addCleanup(server.stop)
@@ -1992,6 +2150,17 @@ class ClientTests(ServerTestCase):
 COUNT_SPLICES = ("_splice = rexec.os.splice; rexec.os.splice = lambda *a, **k: "
                  "(rexec.log.warning('splice-call %d', a[2]), _splice(*a, **k))[1]"
                  if rexec.CAN_SPLICE else "pass")
+
+
+def reset_after(listener, answer):
+    """Accept one connection, read its request, send `answer`, then reset it."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(20)
+        conn.recv(65536)
+        conn.sendall(answer)
+        time.sleep(0.2)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def throwaway_cert(directory):
