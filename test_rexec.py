@@ -630,7 +630,7 @@ class LifetimeTests(ServerTestCase):
     def test_requests_sent_during_a_stream_are_answered_after_it(self):
         conn = self.start_stream({"alias": "q", "cmd": "sh", "args": ["-c", "sleep 0.3; echo done"]})
         conn.send("GET", "/health")
-        conn.send("GET", "/process/none", version="HTTP/1.1")
+        conn.send("GET", "/process/none")
         response = conn.rest()
         self.assertEqual((response.body, response.trailers["Rexec-Reason"]), (b"done\n", "exit"))
         self.assertEqual(conn.response().body, b"ok\n")
