@@ -1606,7 +1606,7 @@ class ConfigError(Exception):
 
 def load_token(options):
     """The bearer token as bytes, from --token-file or REXEC_TOKEN; None if neither.
-    REXEC_TOKEN leaves the environment either way: children inherit it."""
+    REXEC_TOKEN leaves the environment either way, or every child would inherit it."""
     env_token = os.environ.pop("REXEC_TOKEN", None)
     if options.token_file:
         try:
