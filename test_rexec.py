@@ -2323,6 +2323,20 @@ class FastPathTests(unittest.TestCase):
             {"alias": "shut", "cmd": sys.executable, "args": ["-c", script]})
         self.assertEqual((data, trailers), (b"x" * 100000, ["Rexec-Exit-Code: 3", "Rexec-Reason: exit"]))
 
+    def test_copied_chunks_fill_the_writers_buffer(self):
+        """A chunk read in place is at most COPY_SIZE with its head and CRLF, and
+        a child that writes faster than the client reads fills it."""
+        largest = rexec.COPY_SIZE - rexec.HEAD_ROOM - 2
+        spec = {"alias": "big", "cmd": "cat", "args": [self.blob]}
+        for mode in ("copy", "tls"):
+            if mode not in self.servers:
+                continue
+            with self.subTest(mode=mode):
+                _, body = self.fetch(mode, spec)
+                data, sizes, _, _ = parse_chunked(body)
+                self.assertTrue(data == self.data, "the streamed file differs")
+                self.assertEqual(max(sizes), largest)
+
     def test_each_server_takes_its_own_path(self):
         spec = {"alias": "path", "cmd": "head", "args": ["-c", str(1 << 20), self.blob]}
         self.through_every_path(spec)
@@ -2356,7 +2370,7 @@ SLEEP_TICKER = "while :; do echo tick; sleep 1; done"
 # The baseline for streaming: no HTTP, no framing; one connection at a time,
 # the child's pipe relayed to the socket with blocking os.splice (the same
 # pipe size rexec asks for) or, over TLS or without splice, read/sendall of
-# rexec's READ_SIZE.  Run as its own process so its CPU time can be read.
+# rexec's COPY_SIZE.  Run as its own process so its CPU time can be read.
 RELAY = r'''
 import fcntl, os, socket, ssl, subprocess, sys
 pipe_size, read_size, cert, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -2490,7 +2504,7 @@ class Bench:
         cert, key = self.tls if tls else ("", "")
         command = ["head", "-c", str(self.sizes["stream_bytes"]), "/dev/zero"]
         relay = subprocess.Popen([sys.executable, "-c", RELAY, str(rexec.PIPE_SIZE),
-                                  str(rexec.READ_SIZE), cert, key] + command,
+                                  str(rexec.COPY_SIZE), cert, key] + command,
                                  stdout=subprocess.PIPE)
         port, mode = relay.stdout.readline().split()
         return relay, int(port), mode.decode()
