@@ -592,6 +592,12 @@ class LifetimeTests(ServerTestCase):
         self.assertEqual(conn.head()[0], 200)
         return conn
 
+    def first_chunk(self, conn, expected):
+        """Read the stream's first chunk, `expected`: the child has run this far
+        (a `trap '' TERM` before it is in force)."""
+        size = int(conn.file.readline(), 16)
+        self.assertEqual(conn.file.read(size + 2), expected + b"\r\n")
+
     def pids_in_group(self, pgid):
         found = []
         for entry in os.listdir("/proc"):
@@ -664,7 +670,8 @@ class LifetimeTests(ServerTestCase):
         self.assertTrue(wait_for(lambda: not self.pids_in_group(pgid)), self.pids_in_group(pgid))
 
     def test_term_ignoring_child_gets_killed_after_grace(self):
-        conn = self.start_stream({"alias": "i", "cmd": "sh", "args": ["-c", "trap '' TERM; sleep 300"]})
+        conn = self.start_stream({"alias": "i", "cmd": "sh", "args": ["-c", "trap '' TERM; echo ready; sleep 300"]})
+        self.first_chunk(conn, b"ready\n")
         pgid = self.running_pid("i")
         conn.close()
         self.assertTrue(wait_for(lambda: not self.pids_in_group(pgid)))
@@ -719,6 +726,7 @@ class LifetimeTests(ServerTestCase):
     def test_sigterm_ends_every_stream_with_its_trailer_and_exits_0(self):
         conns = [self.start_stream({"alias": "s%d" % i, "cmd": "sleep", "args": ["300"]}) for i in range(3)]
         stubborn = self.start_stream({"alias": "stubborn", "cmd": "sh", "args": ["-c", "trap '' TERM; echo x; sleep 300"]})
+        self.first_chunk(stubborn, b"x\n")
         pids = [self.running_pid("s%d" % i) for i in range(3)] + [self.running_pid("stubborn")]
         self.server.proc.send_signal(signal.SIGTERM)
         for conn in conns:
@@ -779,8 +787,19 @@ class LifetimeTests(ServerTestCase):
             with open("/proc/%d/status" % pid) as handle:
                 threads = int(re.search(r"Threads:\s+(\d+)", handle.read()).group(1))
             return len(os.listdir("/proc/%d/fd" % pid)), threads
+
+        def settled():
+            """counts() once a connection just answered has closed: its thread
+            may still hold its socket, or be ending without it, for a moment."""
+            reading = counts()
+            for _ in range(50):
+                time.sleep(0.2)
+                reading, last = counts(), reading
+                if reading == last:
+                    break
+            return reading
         run(self.server, {"alias": "warm", "cmd": "true"})
-        before = counts()
+        before = settled()
         specs = [{"cmd": "echo", "args": ["x"]}, {"cmd": "sh", "args": ["-c", "sleep 30 & exit 1"]},
                  {"cmd": "no-such-command"}, {"cmd": "cat", "stdin": "abc"},
                  {"cmd": "sh", "args": ["-c", "echo e >&2"], "stderr": "merge"},
@@ -795,7 +814,9 @@ class LifetimeTests(ServerTestCase):
             conn.close()
         for thread in threads:
             thread.join()
-        self.assertTrue(wait_for(lambda: self.ps() == [] and counts() == before, timeout=15),
+        self.assertTrue(wait_for(lambda: self.ps() == [], timeout=15), self.ps())
+        # No request in this wait: each one would open a connection of its own.
+        self.assertTrue(wait_for(lambda: counts() == before, timeout=15),
                         "fds/threads before %s, after %s" % (before, counts()))
         self.assertEqual([c for c in children_of(pid)], [])
 
@@ -856,16 +877,18 @@ class ControlTests(LifetimeTests.__base__):
     server_args = ("--grace", "0.5")
 
     start_stream = LifetimeTests.start_stream
+    first_chunk = LifetimeTests.first_chunk
     running_pid = LifetimeTests.running_pid
 
     def test_timeout_ends_the_group(self):
-        response = run(self.server, {"alias": "t", "cmd": "sh", "args": ["-c", "echo a; sleep 300"], "timeout": 0.3})
+        response = run(self.server, {"alias": "t", "cmd": "sh", "args": ["-c", "echo a; sleep 300"], "timeout": 1.0})
         self.assertEqual(response.body, b"a\n")
         self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "timeout"})
 
     def test_timeout_on_a_child_that_ignores_sigterm(self):
+        # A timeout long enough for even a slow machine to run `trap` first.
         response = run(self.server, {"alias": "t", "cmd": "sh", "args": ["-c", "trap '' TERM; sleep 300"],
-                                     "timeout": 0.2})
+                                     "timeout": 1.0})
         self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-9", "Rexec-Reason": "timeout"})
 
     def test_a_child_that_ends_in_time_is_not_a_timeout(self):
@@ -977,8 +1000,8 @@ class ControlTests(LifetimeTests.__base__):
         self.assertTrue(rest.endswith(b"0\r\nRexec-Exit-Code: -15\r\nRexec-Reason: killed\r\n\r\n"), rest)
 
     def test_delete_a_term_ignoring_child(self):
-        self.start_stream({"alias": "k", "cmd": "sh", "args": ["-c", "trap '' TERM; sleep 300"]})
-        self.running_pid("k")
+        conn = self.start_stream({"alias": "k", "cmd": "sh", "args": ["-c", "trap '' TERM; echo ready; sleep 300"]})
+        self.first_chunk(conn, b"ready\n")
         with Conn(self.server) as other:
             self.assertEqual(other.request("DELETE", "/process/k").json(), {"alias": "k", "exit_code": -9})
 
@@ -2003,7 +2026,7 @@ class ClientTests(ServerTestCase):
         self.assertEqual(self.run_here("sh", "-c", "test -t 1 && echo tty", options=["--tty"]),
                          (0, b"tty\n", ""))
         status, out, err = self.run_here("sh", "-c", "echo a; exec sleep 300",
-                                         options=["--timeout", "0.3", "-v", "--alias", "t"])
+                                         options=["--timeout", "1.0", "-v", "--alias", "t"])
         self.assertEqual((status, out), (143, b"a\n"))
         self.assertIn("t ended: exit code -15, reason timeout", err)
 
