@@ -41,6 +41,7 @@ import pty
 import random
 import re
 import resource
+import select
 import selectors
 import shlex
 import signal
@@ -76,6 +77,8 @@ HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
 WRITE_TIMEOUT = 30.0         # seconds a client that stopped reading may hold up a stream's end
+HANGUP_CHECK = 0.05          # seconds between looks for a dead child's pipe losing its last
+                             # writer while a slow client has yet to take what is in it
 HANDSHAKE_TIMEOUT = 10.0     # seconds for a TLS handshake, on the connection's own thread
 EARLY_LIMIT = 64 * 1024      # bytes of a client's next request held while its stream runs
 LINGER_TIME = 1.0            # seconds spent discarding an unread body before closing
@@ -404,7 +407,7 @@ def parse_spec(body):
         except UnicodeEncodeError:
             raise Refused(bad, "field 'stdin' is not valid Unicode text")
     stderr = obj.get("stderr", "inherit")
-    if stderr not in STDERR_MODES:
+    if not isinstance(stderr, str) or stderr not in STDERR_MODES:
         raise Refused(bad, "field 'stderr' must be one of %s" % ", ".join(STDERR_MODES))
     tty = obj.get("tty", False)
     if not isinstance(tty, bool):
@@ -630,6 +633,8 @@ class Stream:
             times.append(self.term_at + self.grace)
         if self.exited and not self.writer.idle:
             times.append(self.writer.progress_at + WRITE_TIMEOUT)
+            if not self.killed:
+                times.append(time.monotonic() + HANGUP_CHECK)   # see _advance()
         return min(MAX_SELECT, max(0.0, min(times) - time.monotonic())) if times else MAX_SELECT
 
     def _watch_exit(self):
@@ -806,10 +811,24 @@ class Stream:
         if self.term_at is not None and not self.killed and now >= self.term_at + self.grace:
             signal_group(self.proc.pid, signal.SIGKILL)
             self.killed = True
+        if (self.exited and not self.killed and not self.writer.idle and self.output_open
+                and self._output_hung_up()):
+            # A reading client would now see the pipe's end, and the rest of the
+            # group be killed: a slow one need not hold the alias for the grace.
+            signal_group(self.proc.pid, signal.SIGKILL)
+            self.killed = True
         if self.exited and self.killed and self.proc.exit_code is None:
             self._reap()   # nothing left to signal: a client slow to take the rest holds no alias
         if self.exited and not self.writer.idle and now >= self.writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()  # the child is dead and the client stopped reading
+
+    def _output_hung_up(self):
+        """True once nothing holds the output's write end, though bytes may be
+        left in it: poll(2) reports POLLHUP even for a descriptor that asks
+        for no events, so this reads nothing."""
+        poller = select.poll()
+        poller.register(self.proc.output_fd, 0)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
 
     def _finished(self):
         if not self.exited:
@@ -1170,10 +1189,13 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             self.send_text(refusal.status, refusal.message, refusal.headers)
         except ClientDisconnected:
             self.close_connection = True
-        except Exception:
+        except Exception as exc:
+            self.close_connection = True
+            if is_peer_gone(exc):   # it left before its answer: a probe that hung up, say
+                log.debug("client left before its answer: %s", exc)
+                return
             log.exception("internal error serving %s %s", self.command,
                           printable(self.path.partition("?")[0]))   # a query may hold secrets
-            self.close_connection = True
             if self.status is None:
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR,
                                "internal error; see the server log")

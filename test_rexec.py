@@ -868,6 +868,19 @@ class LoggingTests(ServerTestCase):
         self.server.wait_log(r"TRACE chunk alias=lg bytes=3")
         self.assertNotIn("QWE_YUI_345_GHJ_789", self.server.log())
 
+    def test_a_client_that_hangs_up_before_its_answer_is_no_error(self):
+        # Health probes and port checks often close at once: that is not a bug
+        # in rexec, so no ERROR line and no traceback.
+        for path in ("/health", "/metrics", "/process", "/process/none", "/nowhere") * 4:
+            sock = self.server.connect()
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+            sock.close()
+        with Conn(self.server) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        self.server.wait_log(r"DEBUG client left before its answer")
+        self.assertNotIn("ERROR", self.server.log())
+        self.assertNotIn("Traceback", self.server.log())
+
 
 # --------------------------------------------------------------------------
 # Issue 4: timeout, stdin, stderr, tty, list and kill
@@ -898,7 +911,7 @@ class ControlTests(LifetimeTests.__base__):
     def test_bad_values_get_400(self):
         for extra in ({"timeout": 0}, {"timeout": -1}, {"timeout": "5"}, {"timeout": True},
                       {"timeout": None}, {"stdin": 5}, {"stderr": "stdout"}, {"stderr": None},
-                      {"tty": "yes"}, {"tty": 1}):
+                      {"stderr": ["merge"]}, {"stderr": {}}, {"tty": "yes"}, {"tty": 1}):
             with self.subTest(extra=extra):
                 spec = dict({"alias": "a", "cmd": "true"}, **extra)
                 response = run(self.server, spec)
@@ -1021,6 +1034,26 @@ class ControlTests(LifetimeTests.__base__):
             self.assertEqual(conn.request("DELETE", "/process/p").json(), {"alias": "p", "exit_code": -15})
             self.assertEqual(conn.request("GET", "/process").json(), [])
             self.assertEqual(conn.request("POST", "/process", {"alias": "p", "cmd": "true"}).status, 200)
+        response = paused.response()
+        self.assertTrue(response.body.startswith(b"y\ny\n"))
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "killed"})
+
+    def test_delete_is_answered_when_the_group_dies_of_its_sigterm_while_the_client_pauses(self):
+        # No need to wait for the grace: nothing holds the pipe any more, so
+        # the group is dead but for the bytes the client has yet to take.
+        server = Server("--grace", "60", prelude="rexec.WRITE_TIMEOUT = 3600")
+        self.addCleanup(server.stop)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        paused = Conn(server, sock=sock)
+        self.addCleanup(paused.close)
+        paused.send("POST", "/process", {"alias": "p", "cmd": "sh", "args": [
+            "-c", "yes | head -c 10000000; sleep 300"]})
+        with Conn(server, timeout=20) as conn:   # a wait for the grace would time out
+            self.assertTrue(wait_for(lambda: conn.request("GET", "/process").json() != []))
+            self.assertEqual(conn.request("DELETE", "/process/p").json(), {"alias": "p", "exit_code": -15})
+            self.assertEqual(conn.request("GET", "/process").json(), [])
         response = paused.response()
         self.assertTrue(response.body.startswith(b"y\ny\n"))
         self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "killed"})
