@@ -1018,45 +1018,45 @@ class ControlTests(LifetimeTests.__base__):
         with Conn(self.server) as other:
             self.assertEqual(other.request("DELETE", "/process/k").json(), {"alias": "k", "exit_code": -9})
 
-    def test_delete_is_answered_when_the_group_is_dead_not_when_the_client_reads(self):
-        # The child is reaped and its alias freed once the group is killed; the
-        # client that paused reading still gets the rest, then the trailers.
-        server = Server("--grace", "0.2", prelude="rexec.WRITE_TIMEOUT = 3600")
+    def paused_stream(self, grace, spec):
+        """A server with `grace` (and no write timeout) and a connection that
+        started `spec` and reads nothing until the test reads its response."""
+        server = Server("--grace", grace, prelude="rexec.WRITE_TIMEOUT = 3600")
         self.addCleanup(server.stop)
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", server.port))
         paused = Conn(server, sock=sock)
         self.addCleanup(paused.close)
-        paused.send("POST", "/process", {"alias": "p", "cmd": "yes"})
+        paused.send("POST", "/process", spec)
+        return server, paused
+
+    def assert_killed_after_the_rest(self, paused):
+        response = paused.response()
+        self.assertTrue(response.body.startswith(b"y\ny\n"))
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "killed"})
+
+    def test_delete_is_answered_when_the_group_is_dead_not_when_the_client_reads(self):
+        # The child is reaped and its alias freed once the group is killed; the
+        # client that paused reading still gets the rest, then the trailers.
+        server, paused = self.paused_stream("0.2", {"alias": "p", "cmd": "yes"})
         with Conn(server, timeout=60) as conn:
             self.assertTrue(wait_for(lambda: conn.request("GET", "/process").json() != []))
             self.assertEqual(conn.request("DELETE", "/process/p").json(), {"alias": "p", "exit_code": -15})
             self.assertEqual(conn.request("GET", "/process").json(), [])
             self.assertEqual(conn.request("POST", "/process", {"alias": "p", "cmd": "true"}).status, 200)
-        response = paused.response()
-        self.assertTrue(response.body.startswith(b"y\ny\n"))
-        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "killed"})
+        self.assert_killed_after_the_rest(paused)
 
     def test_delete_is_answered_when_the_group_dies_of_its_sigterm_while_the_client_pauses(self):
         # No need to wait for the grace: nothing holds the pipe any more, so
         # the group is dead but for the bytes the client has yet to take.
-        server = Server("--grace", "60", prelude="rexec.WRITE_TIMEOUT = 3600")
-        self.addCleanup(server.stop)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        paused = Conn(server, sock=sock)
-        self.addCleanup(paused.close)
-        paused.send("POST", "/process", {"alias": "p", "cmd": "sh", "args": [
+        server, paused = self.paused_stream("60", {"alias": "p", "cmd": "sh", "args": [
             "-c", "yes | head -c 10000000; sleep 300"]})
         with Conn(server, timeout=20) as conn:   # a wait for the grace would time out
             self.assertTrue(wait_for(lambda: conn.request("GET", "/process").json() != []))
             self.assertEqual(conn.request("DELETE", "/process/p").json(), {"alias": "p", "exit_code": -15})
             self.assertEqual(conn.request("GET", "/process").json(), [])
-        response = paused.response()
-        self.assertTrue(response.body.startswith(b"y\ny\n"))
-        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "killed"})
+        self.assert_killed_after_the_rest(paused)
 
     def test_delete_unknown_alias_is_404(self):
         with Conn(self.server) as conn:
