@@ -1499,7 +1499,7 @@ class RexecServer(_ThreadingHTTPServer):
         else:
             super().__init__((options.ip, options.port), RexecHandler, bind_and_activate=False)
             self.socket.close()
-            self.socket = socket.socket(fileno=inherited_fd)
+            self.socket = inherited_socket(inherited_fd)
             self.server_address = self.socket.getsockname()
 
     def server_bind(self):
@@ -1543,6 +1543,20 @@ def inherited_socket_fd():
         os.environ.pop(name, None)   # not for the children
     os.set_inheritable(SD_LISTEN_FDS_START, False)
     return SD_LISTEN_FDS_START
+
+
+def inherited_socket(fd):
+    """The socket object for listening descriptor `fd`, of whatever family it is:
+    Python 3.6 takes every descriptor for IPv4, and systemd's ListenStream=8910
+    is IPv6 (the peer addresses would be garbage, and protected mode refuse all)."""
+    sock = socket.socket(fileno=fd)
+    family = sock.family
+    if hasattr(socket, "SO_DOMAIN"):
+        family = socket.AddressFamily(sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN))
+    if family != sock.family:
+        sock.detach()
+        sock = socket.socket(family, socket.SOCK_STREAM, fileno=fd)
+    return sock
 
 
 def raise_fd_limit():
@@ -1767,6 +1781,17 @@ def write_fd(fd, data):
         view = view[os.write(fd, view):]
 
 
+def write_output(data):
+    """All of `data` to our stdout.  EPIPE (`| head`) stays BrokenPipeError, for
+    the caller to stop quietly; any other failure (a full disk) is EXIT_LOST."""
+    try:
+        write_fd(1, data)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise ClientError(EXIT_LOST, "cannot write the output: %s" % describe_error(exc))
+
+
 def say(message):
     write_fd(2, ("rexec: %s\n" % message).encode("utf-8", "replace"))
 
@@ -1822,8 +1847,9 @@ def copy_chunks(fp, write):
 
 # -- talking to a server ---------------------------------------------------
 
-def request(url, options, method, path, body=None):
-    """Send one request; return (connection, response) once the answer's head is in.
+def request(url, options, method, path, body=None, answer_within=CONNECT_TIMEOUT):
+    """Send one request; return (connection, response) once the answer's head is in,
+    connecting within CONNECT_TIMEOUT and answered within `answer_within` seconds.
     ClientError(EXIT_REFUSED) when no server answers."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https":
@@ -1839,6 +1865,7 @@ def request(url, options, method, path, body=None):
     try:
         conn.connect()
         sock = conn.sock
+        sock.settimeout(answer_within)
         conn.request(method, parts.path.rstrip("/") + path, body, headers)
         response = conn.getresponse()
         sock.settimeout(None)   # the process may be silent for as long as it likes
@@ -1912,7 +1939,7 @@ class PrefixedLines:
 
     def _emit(self, text):
         with OUTPUT_LOCK:
-            write_fd(1, self.prefix + text.replace(b"\n", b"\n" + self.prefix) + b"\n")
+            write_output(self.prefix + text.replace(b"\n", b"\n" + self.prefix) + b"\n")
 
 
 def run_everywhere(options):
@@ -1930,14 +1957,19 @@ def run_everywhere(options):
     if options.timeout is not None:   # 0 too: the server says why it refuses it
         spec["timeout"] = options.timeout
     if len(options.url) == 1:
-        return run_reporting(options.url[0], spec, options, lambda data: write_fd(1, data))
+        return run_reporting(options.url[0], spec, options, write_output)
     statuses = [EXIT_LOST] * len(options.url)
 
     def run_one(index, url):
         lines = PrefixedLines(url)
         statuses[index] = run_reporting(url, spec, options, lines.write)
-        with contextlib.suppress(BrokenPipeError):
-            lines.close()
+        try:
+            lines.close()   # the last line, if it had no newline
+        except BrokenPipeError:
+            pass
+        except ClientError as exc:
+            say("%s: %s" % (url, exc))
+            statuses[index] = exc.status
 
     threads = [threading.Thread(target=run_one, args=item, daemon=True)
                for item in enumerate(options.url)]
@@ -1965,7 +1997,7 @@ def list_processes(options):
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     table = "".join("  ".join([cell.ljust(width) for cell, width in zip(row, widths)]
                               + [row[3]]) + "\n" for row in rows)
-    write_fd(1, table.encode("utf-8", "replace"))
+    write_output(table.encode("utf-8", "replace"))
     return 0
 
 
@@ -1979,7 +2011,9 @@ def format_age(seconds):
 def kill_process(options):
     """kill: end one process; 0 if it was running, 1 if not."""
     path = "/process/" + urllib.parse.quote(options.alias, safe="")
-    conn, response = request(options.url, options, "DELETE", path)
+    # Answered once the group is dead: after the server's grace, at worst.
+    conn, response = request(options.url, options, "DELETE", path,
+                             answer_within=MAX_GRACE + CONNECT_TIMEOUT)
     with contextlib.closing(conn), contextlib.closing(response):
         if response.status == HTTPStatus.NOT_FOUND:
             raise refusal(response, 1)
@@ -2061,10 +2095,12 @@ def client_options(argv):
     urls = options.url if options.command == "run" else [options.url]
     options.token = client_token(options)
     options.ssl_context = None
-    if ssl is not None and any(url.startswith("https") for url in urls):
+    if ssl is not None and any(urllib.parse.urlsplit(url).scheme == "https" for url in urls):
         options.ssl_context = client_ssl_context(options)
     options.stdin_text = None
     if getattr(options, "stdin", False):
+        if sys.stdin is None:   # Python found descriptor 0 closed
+            raise ClientError(EXIT_USAGE, "--stdin: standard input is closed")
         try:
             options.stdin_text = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
@@ -2101,11 +2137,29 @@ def client_ssl_context(options):
     return context
 
 
+def occupy_closed_standard_fds():
+    """Open /dev/null on whichever of descriptors 0, 1 and 2 is closed, so that
+    no connection can take one: with stdout closed, the remote output would go
+    into the connection itself, as a request the server runs.  The closed ones."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:   # os.open takes the lowest free descriptor: these, in order
+        os.open(os.devnull, os.O_RDWR)
+    return closed
+
+
 def client_main(argv):
     """rexec.py run|ps|kill ...; returns the exit status (see README, Client)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, raise_interrupted)
+    closed = occupy_closed_standard_fds()
     try:
+        if 1 in closed and argv[0] != "kill":
+            raise ClientError(EXIT_USAGE, "standard output is closed: the output has nowhere to go")
         options = client_options(argv)
         if options.command == "run":
             return run_everywhere(options)

@@ -57,6 +57,7 @@ class Server:
             command = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import rexec; %s; "
                        "sys.exit(rexec.main(sys.argv[1:]))" % (HERE, prelude)] + command[2:]
         self.log_path = log_path
+        self.host = "::1" if ip in ("::1", "::") else "127.0.0.1"   # where tests connect
         log_file = open(log_path, "wb") if log_path else subprocess.PIPE
         try:
             self.proc = subprocess.Popen(
@@ -132,7 +133,7 @@ class Server:
         return "http://127.0.0.1:%d" % self.port
 
     def connect(self, timeout=10):
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        return socket.create_connection((self.host, self.port), timeout=timeout)
 
 
 class Response:
@@ -1211,21 +1212,31 @@ class OperatingTests(ServerTestCase):
         self.assertEqual((access["method"], access["status"], access["alias"]), ("POST", 200, "j"))
 
     def test_socket_activation(self):
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        port = listener.getsockname()[1]
-        fd = listener.fileno()
-        # systemd sets LISTEN_PID to the service's own pid: `exec` keeps the shell's.
-        script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$1" -p 1 3<&%d' % fd
-        server = Server(argv=["sh", "-c", script, sys.executable, REXEC], pass_fds=(fd,))
-        self.addCleanup(server.stop)
-        self.assertEqual(server.port, port)
-        listener.close()
-        response = run(server, {"alias": "sa", "cmd": "sh", "args": ["-c", 'echo "${LISTEN_FDS:-unset}"']})
-        self.assertEqual(response.body, b"unset\n")   # not passed on to children
-        self.assertEqual(server.stop(), 0)
+        # systemd's ListenStream=8910 is an IPv6 socket: Python 3.6 took every
+        # inherited descriptor for IPv4 (garbage peers, protected mode refusing all).
+        for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+            with self.subTest(host=host):
+                listener = socket.socket(family)
+                self.addCleanup(listener.close)
+                try:
+                    listener.bind((host, 0))
+                except OSError:
+                    self.assertEqual(family, socket.AF_INET6)
+                    continue   # no IPv6 on this machine
+                listener.listen(16)
+                port = listener.getsockname()[1]
+                fd = listener.fileno()
+                # systemd sets LISTEN_PID to the service's own pid: `exec` keeps the shell's.
+                script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$1" -p 1 3<&%d' % fd
+                server = Server(argv=["sh", "-c", script, sys.executable, REXEC], pass_fds=(fd,),
+                                ip=host)
+                self.addCleanup(server.stop)
+                self.assertEqual(server.port, port)
+                listener.close()
+                response = run(server, {"alias": "sa", "cmd": "sh", "args": ["-c", 'echo "${LISTEN_FDS:-unset}"']})
+                self.assertEqual(response.body, b"unset\n")   # not passed on to children
+                server.wait_log(r"access peer=%s method=POST path=/process status=200" % re.escape(host))
+                self.assertEqual(server.stop(), 0)
 
     def test_socket_activation_ignores_another_pid(self):
         server = Server(env={"LISTEN_PID": "1", "LISTEN_FDS": "1"})
@@ -2172,6 +2183,8 @@ class ClientTests(ServerTestCase):
         url = "https://127.0.0.1:%d" % server.port
         mutual = ["--cacert", pem("ca.pem"), "--cert", pem("client.pem"), "--key", pem("client.key")]
         self.assertEqual(self.client("run", "--url", url, *mutual, "--", "echo", "tls"), (0, b"tls\n", ""))
+        upper = "HTTPS://127.0.0.1:%d" % server.port   # a scheme is case-insensitive
+        self.assertEqual(self.client("run", "--url", upper, *mutual, "--", "echo", "tls"), (0, b"tls\n", ""))
         status, _, err = self.client("run", "--url", url, "--cacert", pem("ca.pem"), "--", "true")
         self.assertEqual(status, 125)
         self.assertOneLine(err, url)
@@ -2182,6 +2195,58 @@ class ClientTests(ServerTestCase):
                                      *mutual + ["--", "true"])   # not the name in its certificate
         self.assertEqual(status, 125)
         self.assertOneLine(err, "127.0.0.2")
+
+    def shell_client(self, redirect, *args):
+        """The client under `sh -c` with a redirection (`>&-`, `> /dev/full`)."""
+        proc = subprocess.run(["sh", "-c", 'exec "$@" ' + redirect, "sh", sys.executable, REXEC]
+                              + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=self.client_env(None), timeout=60)
+        return proc.returncode, proc.stderr.decode("utf-8", "replace")
+
+    def test_a_closed_stdout_or_stdin_is_a_usage_error(self):
+        # With descriptor 1 closed the connection took it: the remote output went
+        # into the connection, where the server read it as a request and ran it.
+        marker = os.path.join(self.tmpdir(), "injected")
+        body = json.dumps({"alias": "inj", "cmd": "touch", "args": [marker]})
+        payload = ("POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                   % (len(body), body))
+        for args in (["run", "--url", self.server.url, "--", "printf", "%s", payload],
+                     ["run", "--url", self.server.url, "--url", self.server.url, "--", "true"],
+                     ["ps", "--url", self.server.url]):
+            with self.subTest(args=args[:3]):
+                status, err = self.shell_client(">&-", *args)
+                self.assertEqual(status, 2)
+                self.assertOneLine(err, "standard output is closed")
+        status, err = self.shell_client("<&-", "run", "--url", self.server.url, "--stdin", "--", "cat")
+        self.assertEqual(status, 2)
+        self.assertOneLine(err, "standard input is closed")
+        time.sleep(0.5)
+        self.assertFalse(os.path.exists(marker))
+        self.assertNotIn("alias=inj", self.server.log())
+
+    @unittest.skipUnless(os.path.exists("/dev/full"), "needs /dev/full")
+    def test_an_output_that_cannot_be_written_is_255_in_one_line(self):
+        for args in (["run", "--url", self.server.url, "--", "echo", "hi"],
+                     ["run", "--url", self.server.url, "--url", self.server.url, "--", "echo", "hi"],
+                     ["ps", "--url", self.server.url]):
+            with self.subTest(args=args[:3]):
+                status, err = self.shell_client("> /dev/full", *args)
+                self.assertEqual(status, 255)
+                self.assertIn("cannot write the output: No space left on device", err)
+                self.assertNotIn("Traceback", err)
+
+    def test_kill_waits_for_a_grace_longer_than_the_connect_timeout(self):
+        # The DELETE is answered once the group is dead, after the server's grace.
+        server = Server("--grace", "2")
+        self.addCleanup(server.stop)
+        self.start_client("sh", "-c", "trap '' TERM; echo ready; sleep 300",
+                          options=["--alias", "slow"], url=server.url).stdout.readline()
+        kill = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import rexec; "
+                               "rexec.CONNECT_TIMEOUT = 0.5; sys.exit(rexec.main(sys.argv[1:]))" % HERE,
+                               "kill", "--url", server.url, "slow"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.client_env(None),
+                              timeout=60)
+        self.assertEqual((kill.returncode, kill.stderr), (0, b""))
 
     def test_bad_arguments_exit_2_with_one_line(self):
         for args in (["run"], ["run", "--url", "ftp://x", "--", "true"], ["run", "-e", "NOEQ", "--", "true"],
