@@ -1454,9 +1454,10 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
 def os_reason(exc):
     """'No such file or directory: /x' from an OSError, without the errno number."""
-    if exc.filename:
-        return "%s: %s" % (exc.strerror, exc.filename)
-    return exc.strerror or str(exc)
+    reason = exc.strerror or str(exc)
+    if exc.filename:   # Python 3.6's subprocess puts it in strerror too, quoted
+        return "%s: %s" % (reason.replace(": %r" % (exc.filename,), ""), exc.filename)
+    return reason
 
 
 
@@ -2020,7 +2021,8 @@ def kill_process(options):
         if response.status != HTTPStatus.OK:
             raise refusal(response)
         if options.verbose:   # {"alias": ..., "exit_code": ...}
-            say("%s: %s" % (options.url, response.read(MAX_LINE).decode("utf-8", "replace")))
+            answer = response.read(MAX_LINE).decode("utf-8", "replace").strip()
+            say("%s: %s" % (options.url, answer))
     return 0
 
 
@@ -2116,6 +2118,8 @@ def client_token(options):
                 token = handle.readline().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ClientError(EXIT_USAGE, "cannot read --token-file: %s" % describe_error(exc))
+        if not token:   # as the server refuses it: a wrong path, not "no token"
+            raise ClientError(EXIT_USAGE, "--token-file %s has no token" % options.token_file)
     else:
         token = os.environ.get("REXEC_TOKEN", "").strip()
     try:

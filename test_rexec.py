@@ -2032,6 +2032,7 @@ class ClientTests(ServerTestCase):
         status, out, err = self.run_here("no-such-command-here")
         self.assertEqual((status, out), (127, b""))
         self.assertOneLine(err, "404 cannot start 'no-such-command-here'")
+        self.assertTrue(err.endswith(": No such file or directory: no-such-command-here\n"), err)
 
     def test_refusals_and_no_server_are_125(self):
         LifetimeTests.start_stream(self, {"alias": "busy", "cmd": "sleep", "args": ["300"]})
@@ -2100,7 +2101,9 @@ class ClientTests(ServerTestCase):
         header, row = out.decode().splitlines()
         self.assertEqual(header.split(), ["ALIAS", "PID", "AGE", "COMMAND"])
         self.assertRegex(row, r"^a b/c%%  %d  \d+s +sleep 300$" % pid)
-        self.assertEqual(self.client("kill", "--url", self.server.url, "a b/c%"), (0, b"", ""))
+        status, out, err = self.client("kill", "-v", "--url", self.server.url, "a b/c%")
+        self.assertEqual((status, out), (0, b""))
+        self.assertEqual(err, 'rexec: %s: {"alias": "a b/c%%", "exit_code": -15}\n' % self.server.url)
         self.assertEqual(proc.wait(30), 143)
         self.assertFalse(pid_alive(pid))
         status, out, err = self.client("kill", "--url", self.server.url, "a b/c%")
@@ -2249,9 +2252,12 @@ class ClientTests(ServerTestCase):
         self.assertEqual((kill.returncode, kill.stderr), (0, b""))
 
     def test_bad_arguments_exit_2_with_one_line(self):
+        empty = os.path.join(self.tmpdir(), "empty-token")
+        open(empty, "w").close()
         for args in (["run"], ["run", "--url", "ftp://x", "--", "true"], ["run", "-e", "NOEQ", "--", "true"],
                      ["run", "--timeout", "soon", "true"], ["run", "--stderr", "inherit", "true"],
                      ["kill"], ["ps", "--bogus"], ["run", "--token-file", "/no/such", "true"],
+                     ["ps", "--token-file", empty, "--url", self.server.url],
                      ["ps", "--cacert", "/no/such", "--url", "https://127.0.0.1:1"]):
             with self.subTest(args=args):
                 status, out, err = self.client(*args)
