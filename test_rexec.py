@@ -262,6 +262,15 @@ def wait_for(predicate, timeout=10, interval=0.02):
     return predicate()
 
 
+def peek_body(sock):
+    """What of a response's body has arrived on `sock`, left unread."""
+    try:
+        data = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+    return data.partition(b"\r\n\r\n")[2]
+
+
 def pids_running(word):
     """Pids whose command line has `word` as an argument (from /proc)."""
     found = []
@@ -1030,6 +1039,9 @@ class ControlTests(LifetimeTests.__base__):
         paused = Conn(server, sock=sock)
         self.addCleanup(paused.close)
         paused.send("POST", "/process", spec)
+        # Signal only once output is on its way: a group killed before it wrote
+        # would leave nothing for the client to take.
+        self.assertTrue(wait_for(lambda: b"y\ny\n" in peek_body(sock)))
         return server, paused
 
     def assert_killed_after_the_rest(self, paused):
