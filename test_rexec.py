@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -132,8 +133,16 @@ class Server:
     def url(self):
         return "http://127.0.0.1:%d" % self.port
 
-    def connect(self, timeout=10):
-        return socket.create_connection((self.host, self.port), timeout=timeout)
+    def connect(self, timeout=10, rcvbuf=None):
+        """A socket connected to the server; `rcvbuf`: its receive buffer, set
+        before connecting (so a client that pauses stalls the server soon)."""
+        if rcvbuf is None:
+            return socket.create_connection((self.host, self.port), timeout=timeout)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect((self.host, self.port))
+        return sock
 
 
 class Response:
@@ -269,6 +278,22 @@ def peek_body(sock):
     except BlockingIOError:
         return b""
     return data.partition(b"\r\n\r\n")[2]
+
+
+def written_when_stuck(pid):
+    """Wait until process `pid` sleeps with its written-bytes count (wchar in
+    /proc/PID/io) still for half a second -- blocked on a full pipe, say; that
+    count, or None if it never stopped."""
+    def state():
+        with open("/proc/%d/io" % pid) as handle:
+            written = int(re.search(r"wchar: (\d+)", handle.read()).group(1))
+        with open("/proc/%d/stat" % pid) as handle:
+            return written, handle.read().rsplit(")", 1)[1].split()[0]
+    samples = []
+    if wait_for(lambda: samples.append(state()) or samples[-5:] == [samples[-1]] * 5
+                and samples[-1][1] == "S", timeout=20, interval=0.1):
+        return samples[-1][0]
+    return None
 
 
 def pids_running(word):
@@ -714,13 +739,9 @@ class LifetimeTests(ServerTestCase):
         pid = self.running_pid("big")
         # The client reads nothing: the child blocks on its full pipe, its
         # written-bytes count stops moving, far short of the whole.
-        def wchar():
-            with open("/proc/%d/io" % pid) as handle:
-                return int(re.search(r"wchar: (\d+)", handle.read()).group(1))
-        samples = []
-        self.assertTrue(wait_for(lambda: samples.append(wchar()) or samples[-5:] == [samples[-1]] * 5,
-                                 timeout=20, interval=0.1))
-        self.assertLess(samples[-1], size // 4)
+        written = written_when_stuck(pid)
+        self.assertIsNotNone(written, "the child never stopped writing")
+        self.assertLess(written, size // 4)
         self.assertTrue(pid_alive(pid), "the child wrote it all to a client that reads nothing")
         self.assertLess(rss_kib() - before, 16 * 1024)
         received = 0
@@ -1033,9 +1054,7 @@ class ControlTests(LifetimeTests.__base__):
         started `spec` and reads nothing until the test reads its response."""
         server = Server("--grace", grace, prelude="rexec.WRITE_TIMEOUT = 3600")
         self.addCleanup(server.stop)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
+        sock = server.connect(timeout=20, rcvbuf=4096)
         paused = Conn(server, sock=sock)
         self.addCleanup(paused.close)
         paused.send("POST", "/process", spec)
@@ -2392,15 +2411,19 @@ class FastPathTests(unittest.TestCase):
             server.stop()
         shutil.rmtree(cls.tmp, True)
 
-    def fetch(self, mode, spec, version="HTTP/1.1"):
-        """POST spec to the `mode` server; returns (head lines without Date, raw body)."""
+    def fetch(self, mode, spec, version="HTTP/1.1", before_reading=None):
+        """POST spec to the `mode` server; returns (head lines without Date, raw body).
+        With `before_reading`, a client with a small receive buffer reads
+        nothing until before_reading(server) returns."""
         server = self.servers[mode]
-        sock = server.connect()
+        sock = server.connect(rcvbuf=4096 if before_reading else None)
         if mode == "tls":
             sock = client_tls_context().wrap_socket(sock)
         with Conn(server, sock=sock) as conn:
             conn.send("POST", "/process", spec, version=version,
                       headers={"Connection": "close"})
+            if before_reading:
+                before_reading(server)
             if version == "HTTP/1.0":
                 raw = read_to_eof(conn.sock)
             else:
@@ -2466,14 +2489,28 @@ class FastPathTests(unittest.TestCase):
         """A chunk read in place is at most COPY_SIZE with its head and CRLF, and
         a child that writes faster than the client reads fills it."""
         largest = rexec.COPY_SIZE - rexec.HEAD_ROOM - 2
-        spec = {"alias": "big", "cmd": "cat", "args": [self.blob]}
+        # A client as fast as cat (128 KiB a write) may get each write as a chunk
+        # of its own.  So it pauses until cat is stuck on a full pipe: cat has
+        # more to write than the server's socket buffer (tcp_wmem's largest)
+        # and the pipe hold.  The pipe is read only once its chunk is out.
+        with open("/proc/sys/net/ipv4/tcp_wmem") as handle:
+            socket_buffer = int(handle.read().split()[2])
+        copies = (socket_buffer + rexec.PIPE_SIZE + rexec.COPY_SIZE) // len(self.data) + 2
+        spec = {"alias": "big", "cmd": "cat", "args": [self.blob] * copies}
+
+        def until_cat_is_stuck(server):
+            cat = []
+            self.assertTrue(wait_for(lambda: cat.extend(children_of(server.proc.pid)) or cat))
+            written = written_when_stuck(cat[0])
+            self.assertIsNotNone(written, "cat never stopped writing")
+            self.assertLess(written, copies * len(self.data) - largest, "cat wrote it all")
         for mode in ("copy", "tls"):
             if mode not in self.servers:
                 continue
             with self.subTest(mode=mode):
-                _, body = self.fetch(mode, spec)
+                _, body = self.fetch(mode, spec, before_reading=until_cat_is_stuck)
                 data, sizes, _, _ = parse_chunked(body)
-                self.assertTrue(data == self.data, "the streamed file differs")
+                self.assertTrue(data == self.data * copies, "the streamed file differs")
                 self.assertEqual(max(sizes), largest)
 
     def test_each_server_takes_its_own_path(self):
@@ -2589,6 +2626,45 @@ def post_request(spec):
     body = json.dumps(spec).encode("utf-8")
     return (b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+
+
+# A reference for the echo rows, with no target: the least that a server built
+# the way rexec is (a threading http.server, Popen on the connection's thread,
+# chunks written by hand) does for a request -- no checks, registry, logging
+# or stream loop.  What it reaches bounds what rexec's design can.
+FLOOR = r"""
+import http.server, json, socket, socketserver, subprocess
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self):
+        spec = json.loads(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        child = subprocess.Popen([spec["cmd"]] + spec["args"], stdout=subprocess.PIPE, bufsize=0,
+                                 close_fds=True, start_new_session=True)
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for data in iter(lambda: child.stdout.read(65536), b""):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        child.stdout.close()
+        self.wfile.write(b"0\r\nRexec-Exit-Code: %d\r\nRexec-Reason: exit\r\n\r\n" % child.wait())
+
+    def log_message(self, *args):
+        pass
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024   # as rexec's: 8 clients overflow the default 5
+
+server = Server(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
 
 
 def bench_connect(port, tls=False):
@@ -2717,31 +2793,57 @@ class Bench:
         out = subprocess.run(["echo", "hi"], stdout=subprocess.PIPE).stdout
         assert out == b"hi\n", out
 
-    def latency(self, server):
-        def sample(call, n):
+    @contextlib.contextmanager
+    def floor(self):
+        """A running FLOOR server: its pid and port."""
+        floor = subprocess.Popen([sys.executable, "-c", FLOOR], stdout=subprocess.PIPE)
+        try:
+            yield types.SimpleNamespace(proc=floor, port=int(floor.stdout.readline()))
+        finally:
+            floor.kill()
+            floor.wait()
+            floor.stdout.close()
+
+    def latency(self, server, floor):
+        cpu = {}   # pid: CPU seconds used while its requests were timed
+
+        def sample(call, n, pid=None):
             times = []
+            used = proc_cpu(pid) if pid else 0
             for _ in range(n):
                 start = time.monotonic()
                 call()
                 times.append(time.monotonic() - start)
+            if pid:
+                cpu[pid] = cpu.get(pid, 0.0) + proc_cpu(pid) - used
             return times
         n = self.sizes["echo_n"]
         sample(lambda: self.echo_rexec(server.port, "echo"), 5)
-        ours, theirs = [], []
-        for _ in range(5):   # interleaved, so both see the same background load
-            ours += sample(lambda: self.echo_rexec(server.port, "echo"), n // 5)
+        sample(lambda: self.echo_rexec(floor.port, "echo"), 5)
+        ours, floors, theirs = [], [], []
+        for _ in range(5):   # interleaved, so all see the same background load
+            ours += sample(lambda: self.echo_rexec(server.port, "echo"), n // 5, server.proc.pid)
+            floors += sample(lambda: self.echo_rexec(floor.port, "echo"), n // 5, floor.proc.pid)
             theirs += sample(self.echo_direct, n // 5)
-        ratio = median(ours) / median(theirs)
+        ratio, floor_ratio = median(ours) / median(theirs), median(floors) / median(theirs)
         self.figures["echo latency"] = dict(
             rexec_median_ms=median(ours) * 1e3, rexec_p99_ms=percentile(ours, 0.99) * 1e3,
             direct_median_ms=median(theirs) * 1e3, direct_p99_ms=percentile(theirs, 0.99) * 1e3,
-            ratio=ratio, n=len(ours))
+            floor_median_ms=median(floors) * 1e3, floor_p99_ms=percentile(floors, 0.99) * 1e3,
+            rexec_cpu_ms=cpu[server.proc.pid] / len(ours) * 1e3,
+            floor_cpu_ms=cpu[floor.proc.pid] / len(floors) * 1e3,
+            ratio=ratio, floor_ratio=floor_ratio, n=len(ours))
         f = self.figures["echo latency"]
+        direct = "%.2f (%.2f) direct spawn" % (f["direct_median_ms"], f["direct_p99_ms"])
         self.row("echo hi latency: median ms (p99)", "%.2f (%.2f)" % (f["rexec_median_ms"], f["rexec_p99_ms"]),
-                 "%.2f (%.2f) direct spawn" % (f["direct_median_ms"], f["direct_p99_ms"]),
-                 ratio, "<= 1.35x", ratio <= 1.35)
+                 direct, ratio, "<= 1.35x", ratio <= 1.35)
+        self.row("reference, bare http.server + Popen: echo hi latency",
+                 "%.2f (%.2f)" % (f["floor_median_ms"], f["floor_p99_ms"]), direct, floor_ratio)
+        self.row("echo hi: server CPU ms/request", "%.2f" % f["rexec_cpu_ms"],
+                 "%.2f bare http.server + Popen" % f["floor_cpu_ms"],
+                 f["rexec_cpu_ms"] / max(f["floor_cpu_ms"], 0.01))
 
-    def rate(self, server):
+    def rate(self, server, floor):
         clients, each = self.sizes["conc_clients"], self.sizes["conc_each"]
 
         def run_threads(work):
@@ -2763,13 +2865,19 @@ class Bench:
                 raise errors[0]
             return clients * each / (time.monotonic() - start)
         ours = run_threads(lambda c, i: self.echo_rexec(server.port, "c%d" % c))
+        floors = run_threads(lambda c, i: self.echo_rexec(floor.port, "c%d" % c))
         theirs = run_threads(lambda c, i: self.echo_direct())
+        floors = (floors + run_threads(lambda c, i: self.echo_rexec(floor.port, "c%d" % c))) / 2
         ours = (ours + run_threads(lambda c, i: self.echo_rexec(server.port, "c%d" % c))) / 2
         ratio = ours / theirs
         self.figures["echo rate"] = dict(rexec_req_s=ours, direct_req_s=theirs, ratio=ratio,
+                                         floor_req_s=floors, floor_ratio=floors / theirs,
                                          clients=clients, requests_each=each)
-        self.row("echo hi, %d clients: req/s" % clients, "%.0f" % ours,
-                 "%.0f direct spawn (%d threads)" % (theirs, clients), ratio, ">= 0.7x", ratio >= 0.7)
+        direct = "%.0f direct spawn (%d threads)" % (theirs, clients)
+        self.row("echo hi, %d clients: req/s" % clients, "%.0f" % ours, direct, ratio, ">= 0.7x",
+                 ratio >= 0.7)
+        self.row("reference, bare http.server + Popen: %d clients" % clients, "%.0f" % floors,
+                 direct, floors / theirs)
 
     # -- 3. time to first byte -----------------------------------------------
 
@@ -3001,11 +3109,11 @@ class Bench:
                 with self.server(tls) as server:
                     for client in clients:
                         self.stream(server, tls, client)
-        with self.server() as server:
+        with self.server() as server, self.floor() as floor:
             if "latency" in parts:
-                self.latency(server)
+                self.latency(server, floor)
             if "rate" in parts:
-                self.rate(server)
+                self.rate(server, floor)
             if "first-byte" in parts:
                 self.first_byte(server)
             if "kill" in parts:
