@@ -2795,7 +2795,7 @@ class Bench:
 
     @contextlib.contextmanager
     def floor(self):
-        """A running FLOOR server: its pid and port."""
+        """A running FLOOR server: its process and its port."""
         floor = subprocess.Popen([sys.executable, "-c", FLOOR], stdout=subprocess.PIPE)
         try:
             yield types.SimpleNamespace(proc=floor, port=int(floor.stdout.readline()))
