@@ -1051,7 +1051,8 @@ class ControlTests(LifetimeTests.__base__):
 
     def paused_stream(self, grace, spec):
         """A server with `grace` (and no write timeout) and a connection that
-        started `spec` and reads nothing until the test reads its response."""
+        started `spec`, a child printing `yes`'s lines, and reads nothing until
+        the test reads its response; returned once the first lines are in."""
         server = Server("--grace", grace, prelude="rexec.WRITE_TIMEOUT = 3600")
         self.addCleanup(server.stop)
         sock = server.connect(timeout=20, rcvbuf=4096)
