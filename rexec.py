@@ -84,6 +84,7 @@ EARLY_LIMIT = 64 * 1024      # bytes of a client's next request held while its s
 LINGER_TIME = 1.0            # seconds spent discarding an unread body before closing
 THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in little memory
 LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
+ACCEPT_PAUSE = 0.1           # seconds without accepting while out of descriptors (EMFILE)
 SD_LISTEN_FDS_START = 3      # systemd socket activation hands the socket over as fd 3
 TRACE = 5                    # the -vv log level, below DEBUG
 
@@ -92,7 +93,10 @@ PEER_GONE_ERRNOS = frozenset({
     errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ESHUTDOWN,
     errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETRESET,
 })
+# accept() errnos that say "not now": the process or system is out of something.
+OUT_OF_RESOURCES_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REASONS = ("exit", "timeout", "killed", "shutdown", "disconnect")
+TRAILERS = ("Rexec-Exit-Code", "Rexec-Reason")   # how a stream says how its process ended
 STDERR_MODES = {"inherit": None, "merge": subprocess.STDOUT, "discard": subprocess.DEVNULL}
 MAX_NESTING = 32             # JSON depth; deeper input could overflow a small thread stack
 # An unterminated string runs to the end: every match succeeds, so the scan stays linear.
@@ -106,6 +110,9 @@ CAN_SPLICE = hasattr(os, "splice")
 CAN_PIDFD = hasattr(os, "pidfd_open")
 CAN_EVENTFD = hasattr(os, "eventfd")   # 3.10+: one descriptor, and no pipe, per wake-up channel
 WAKE = (1).to_bytes(8, sys.byteorder)  # adds 1 to an eventfd's counter; 8 bytes in a pipe
+# "Try again once the descriptor is ready"; TLS says so with SSLErrors of its own.
+WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
+    (ssl.SSLWantReadError, ssl.SSLWantWriteError) if ssl is not None else ())
 # A stream waits on a handful of descriptors for a short while: poll(2) needs no
 # descriptor of its own and no syscall per (un)registration, as epoll does.
 # Linux only: macOS's poll(2) does not serve terminals (tty streams).
@@ -116,7 +123,7 @@ log = logging.getLogger("rexec")
 
 
 # --------------------------------------------------------------------------
-# Protocol: chunked framing and the non-blocking body writer
+# Protocol: framing, and the writer that owns every byte path
 # --------------------------------------------------------------------------
 
 class ClientDisconnected(Exception):
@@ -135,8 +142,10 @@ class Refused(Exception):
 
 def is_peer_gone(exc):
     """True for the socket errors a vanished client causes."""
+    if isinstance(exc, WOULD_BLOCK):
+        return False
     if ssl is not None and isinstance(exc, ssl.SSLError):
-        return not isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
+        return True
     return isinstance(exc, (ConnectionError, socket.timeout)) or (
         isinstance(exc, OSError) and exc.errno in PEER_GONE_ERRNOS)
 
@@ -157,6 +166,19 @@ def fionread(fd):
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
 
 
+def read_output(fd, view):
+    """Read a child's output into `view`: the count; 0 at its end (EIO is how
+    a terminal whose last writer is gone says so); None when nothing is there."""
+    try:
+        return os.readv(fd, [view])
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+        return 0
+
+
 def wait_writable(sock, timeout):
     """Block until `sock` can take more bytes; False when `timeout` passes first."""
     with selectors.DefaultSelector() as sel:
@@ -165,46 +187,137 @@ def wait_writable(sock, timeout):
 
 
 class BodyWriter:
-    """Writes one response body to a non-blocking client socket.
+    """Moves one child's output into one response body on a non-blocking socket.
 
-    At most one frame (chunk head, data, CRLF) is pending at a time: the stream
-    reads the child's pipe only when `idle`, so a slow client slows the child
-    through its full pipe instead of growing memory here.  A pending item is
-    bytes, or an int: that many bytes still to splice from the pipe straight
-    into the socket.  chunked=False writes the raw bytes (an HTTP/1.0 client:
-    the body ends when the connection closes).  Every write that fails because
-    the peer is gone raises ClientDisconnected.
+    The stream says when the output is readable (output_ready) and when the
+    socket is writable (flush); the writer picks the byte path.  A chunk of
+    SPLICE_MIN bytes or more goes from the pipe straight into the socket with
+    splice(2) where it can (not TLS, not a terminal); everything else is read
+    in place into the writer's buffer, between room for its framing, so that
+    one send() passes on a whole frame (and, over TLS, whole records).
+
+    At most one frame is pending: the output is read only while the writer is
+    idle, so a slow client slows the child through its full pipe instead of
+    growing memory here.  Once the client is gone (lose()), what the child
+    writes is read and dropped.  A write that fails because the peer is gone
+    raises ClientDisconnected.
+
+    Subclasses frame the body, each in one way (as h11 keeps a writer per
+    framing): ChunkedWriter for HTTP/1.1, RawWriter for HTTP/1.0.
     """
 
-    def __init__(self, sock, chunked):
+    headers = ()            # what the response head says of the framing
+    keeps_connection = True  # False: the body ends when the connection closes
+    tail = b""              # what follows each frame's data
+
+    def head(self, size):
+        """What comes before a frame of `size` (> 0) bytes."""
+        raise NotImplementedError
+
+    def last(self, trailers):
+        """What ends the body once the process has ended."""
+        raise NotImplementedError
+
+    def __init__(self, sock, output_fd, tty, label):
         self.sock = sock
-        self.chunked = chunked
-        self.tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
-        self.pending = collections.deque()
-        self.splice_fd = None
-        self._buffer = None                   # see frame_buffer()
-        self._chunk_at = 0                    # where in it a chunk read in place begins
+        self.output_fd = output_fd
+        self.label = label                    # the alias, for -vv lines
+        tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
+        self.can_splice = CAN_SPLICE and not tls and not tty
+        self.grow_pipe = bool(F_SETPIPE_SZ) and not tty   # see _grow_pipe()
+        self.pending = collections.deque()   # bytes, or an int: bytes to splice
+        self.output_open = True               # False once the output reached its end
+        self.gone = False                     # the client left: output is dropped
+        self.sent = 0                         # output bytes framed for the client
         self.progress_at = time.monotonic()   # when the client last took bytes
+        self._buffer = None                   # see _frame_buffer()
+        self._chunk_at = 0                    # where in it a frame's data begins
 
     @property
     def idle(self):
         return not self.pending
 
-    def frame(self, data):
-        """Queue `data` (non-empty) as one chunk."""
-        if not self.chunked:
-            self.pending.append(data)
-        elif self.tls:  # one TLS record run per chunk, not three
-            self.pending.append(b"".join((chunk_head(len(data)), data, b"\r\n")))
-        else:
-            self.pending.extend((chunk_head(len(data)), data, b"\r\n"))
+    @property
+    def wants_output(self):
+        """True while the output should be read: there is room, or no client."""
+        return self.output_open and not self.pending
 
-    def frame_buffer(self):
-        """Where to read a large chunk that cannot be spliced (TLS, a terminal, no
-        os.splice): the writer's own buffer, with room for the chunk head before
-        and the CRLF after, so the frame goes out without being copied together
-        -- and, at most COPY_SIZE long, as whole 16 KiB TLS records.  Allocated
-        on first use (fast children only); reused, so only while idle.
+    def output_ready(self):
+        """Pass on what the child wrote.  After a large chunk the client took at
+        once, the next one goes straight out too (up to OUTPUT_BURST), without a
+        trip through the selector: a fast child costs fewer calls per byte."""
+        for _ in range(OUTPUT_BURST):
+            if self._take_chunk() < SPLICE_MIN or not self.wants_output:
+                return
+
+    def flush(self):
+        """Send what the socket takes without blocking; True once nothing is pending."""
+        self.progress_at = time.monotonic()
+        try:
+            while self.pending:
+                item = self.pending[0]
+                if isinstance(item, int):
+                    rest = item - self._splice(item)
+                else:
+                    rest = memoryview(item)[self.sock.send(item):]
+                if rest:
+                    self.pending[0] = rest
+                else:
+                    self.pending.popleft()
+            return True
+        except WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            if is_peer_gone(exc):
+                raise ClientDisconnected(str(exc)) from exc
+            raise
+
+    def finish(self, trailers):
+        """Send what is pending and the end of the body, blocking up to
+        WRITE_TIMEOUT for each pause of the client's."""
+        self._queue(self.last(trailers))
+        while not self.flush():
+            if not wait_writable(self.sock, WRITE_TIMEOUT):
+                raise ClientDisconnected("the client stopped reading")
+
+    def lose(self):
+        """The client is gone: drop what is pending, and from now on the output."""
+        self.gone = True
+        self.pending.clear()
+
+    def _take_chunk(self):
+        """Frame one chunk of output (or drop it) and send what the socket
+        takes; the chunk's size, 0 if there was none."""
+        fd = self.output_fd
+        size = fionread(fd)
+        if size >= SPLICE_MIN and self.grow_pipe:
+            self._grow_pipe()
+        if size >= SPLICE_MIN and self.can_splice and not self.gone:
+            size = min(size, PIPE_SIZE)
+            self._queue(self.head(size), size, self.tail)
+        else:
+            view = self._frame_buffer()
+            size = read_output(fd, view[HEAD_ROOM:len(view) - len(self.tail)])
+            if size == 0:
+                self.output_open = False
+            if not size:
+                return 0
+            if self.gone:
+                return size
+            self._queue(self._frame_in_place(view, size))
+        self.sent += size
+        if log.isEnabledFor(TRACE):
+            log.log(TRACE, "chunk alias=%s bytes=%d", printable(self.label), size)
+        self.flush()
+        return size
+
+    def _queue(self, *items):
+        self.pending.extend(item for item in items if item)   # never an empty write
+
+    def _frame_buffer(self):
+        """The writer's own buffer, at most HEAD_ROOM + COPY_SIZE long: a large
+        chunk goes out as whole 16 KiB TLS records.  Allocated on first use
+        (children that write nothing never need one); reused, so only while idle.
 
         OpenSSL copies each record out of this buffer into its own.  When the
         two addresses share a page offset to within a cache line, that copy
@@ -217,86 +330,59 @@ class BodyWriter:
         if self._buffer is None:
             self._chunk_at = 64 * random.randrange(1, 64)
             self._buffer = mmap.mmap(-1, self._chunk_at + COPY_SIZE)   # page-aligned
-        start = self._chunk_at + HEAD_ROOM
-        return memoryview(self._buffer)[start:self._chunk_at + COPY_SIZE - 2]
+        return memoryview(self._buffer)[self._chunk_at:]
 
-    def frame_in_buffer(self, size):
-        """Queue the `size` (> 0) bytes just read into frame_buffer() as one chunk."""
-        start = self._chunk_at + HEAD_ROOM
-        end = start + size
-        if self.chunked:
-            head = chunk_head(size)
-            self._buffer[start - len(head):start] = head
-            start -= len(head)
-            self._buffer[end:end + 2] = b"\r\n"
-            end += 2
-        self.pending.append(memoryview(self._buffer)[start:end])
+    def _frame_in_place(self, view, size):
+        """The frame around the `size` bytes just read into `view` at HEAD_ROOM."""
+        head, end = self.head(size), HEAD_ROOM + size
+        start = HEAD_ROOM - len(head)
+        view[start:HEAD_ROOM] = head
+        view[end:end + len(self.tail)] = self.tail
+        return view[start:end + len(self.tail)]
 
-    def frame_from_pipe(self, fd, size):
-        """Queue `size` (> 0) bytes waiting in pipe `fd` as one chunk, to be spliced."""
-        self.splice_fd = fd
-        if self.chunked:
-            self.pending.extend((chunk_head(size), size, b"\r\n"))
-        else:
-            self.pending.append(size)
-
-    def flush(self):
-        """Send what the socket takes without blocking; True once nothing is pending."""
-        self.progress_at = time.monotonic()
+    def _grow_pipe(self):
+        """A child that fills large chunks gets a PIPE_SIZE pipe: fewer, larger
+        chunks.  Only such a child: every grown pipe counts against the user's
+        pipe budget (fs.pipe-user-pages-soft, 64 MiB), and once an unprivileged
+        user is over it, all its new pipes -- its children's too -- get 8 KiB."""
+        self.grow_pipe = False
         try:
-            while self.pending:
-                item = self.pending[0]
-                if isinstance(item, int):
-                    self._splice(item)
-                elif self.tls:
-                    self._consume(self.sock.send(item))
-                else:
-                    self._consume(self.sock.sendmsg(self._leading_bytes()))
-            return True
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as exc:
-            if ssl is not None and isinstance(exc, (ssl.SSLWantWriteError, ssl.SSLWantReadError)):
-                return False
-            if is_peer_gone(exc):
-                raise ClientDisconnected(str(exc)) from exc
-            raise
-
-    def finish(self, trailers):
-        """Send what is pending and the last chunk, blocking up to WRITE_TIMEOUT."""
-        if self.chunked:
-            self.pending.append(last_chunk(trailers))
-        while not self.flush():
-            if not wait_writable(self.sock, WRITE_TIMEOUT):
-                raise ClientDisconnected("the client stopped reading")
-
-    def _leading_bytes(self):
-        run = []
-        for item in self.pending:
-            if isinstance(item, int):
-                break
-            run.append(item)
-        return run
-
-    def _consume(self, sent):
-        while sent:
-            item = self.pending[0]
-            if len(item) <= sent:
-                sent -= len(item)
-                self.pending.popleft()
-            else:
-                self.pending[0] = memoryview(item)[sent:]
-                sent = 0
+            fcntl.fcntl(self.output_fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over the per-user pipe budget: the default works
+            pass
 
     def _splice(self, size):
-        moved = os.splice(self.splice_fd, self.sock.fileno(), size,
+        moved = os.splice(self.output_fd, self.sock.fileno(), size,
                           flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         if moved <= 0:  # only this thread reads the pipe, so FIONREAD's bytes are there
             raise RuntimeError("pipe lost %d announced bytes" % size)
-        if moved < size:
-            self.pending[0] = size - moved
-        else:
-            self.pending.popleft()
+        return moved
+
+
+class ChunkedWriter(BodyWriter):
+    """HTTP/1.1: each read is one chunk, and the last chunk carries the trailers."""
+
+    headers = (("Transfer-Encoding", "chunked"), ("Trailer", ", ".join(TRAILERS)))
+    tail = b"\r\n"
+
+    def head(self, size):
+        return chunk_head(size)
+
+    def last(self, trailers):
+        return last_chunk(trailers)
+
+
+class RawWriter(BodyWriter):
+    """HTTP/1.0: the output as it is; the body ends when the connection closes."""
+
+    headers = (("Connection", "close"),)
+    keeps_connection = False
+
+    def head(self, size):
+        return b""
+
+    def last(self, trailers):
+        return b""
 
 
 # --------------------------------------------------------------------------
@@ -419,7 +505,7 @@ def parse_spec(body):
 
 
 # --------------------------------------------------------------------------
-# Process supervision
+# Process supervision: how a process ends, and its stream
 # --------------------------------------------------------------------------
 
 def signal_group(pgid, sig):
@@ -439,26 +525,192 @@ def open_pty():
     return master, slave
 
 
+def output_hung_up(fd):
+    """True once nothing holds the write end of output `fd`, though bytes may
+    be left in it: poll(2) reports POLLHUP even for a descriptor that asks for
+    no events, so this reads nothing."""
+    poller = select.poll()
+    poller.register(fd, 0)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+class Ending:
+    """How one process group ends: the one place that decides it.
+
+    Whatever wants the group to end -- its child exiting, the timeout, a
+    DELETE, a client gone, a shutdown -- calls ask() with its reason, from any
+    thread; the first reason holds.  The stream's thread moves the group on
+    with step(), through four states:
+
+        RUNNING -> TERMINATING -> KILLED -> REAPED
+
+    TERMINATING: the group got SIGTERM (not when the child has exited and
+    nothing holds its output: nothing is left to ask).  KILLED: SIGKILL, after
+    `grace`, or at once when the child is dead and its output has no writer
+    left.  REAPED: the child's status is collected, and only then is the alias
+    released (on_reaped) and a DELETE answered (wait()).  The child's pid stays
+    a zombie until then and cannot be reused, so signalling the group is safe.
+    finish() is every way out: SIGKILL to what is left, reap, release.
+    """
+
+    RUNNING, TERMINATING, KILLED, REAPED = "running", "terminating", "killed", "reaped"
+
+    def __init__(self, grace, timeout, on_reaped):
+        self.grace = grace
+        self.timeout = timeout        # seconds from the start, or None
+        self.on_reaped = on_reaped    # frees the alias
+        self.state = self.RUNNING
+        self.reason = None            # one of REASONS
+        self.exit_code = None         # the child's status: -N for signal N
+        self.exited = False           # the child has exited (a zombie until reaped)
+        self.wake_fd = None           # readable when ask() wants the stream to look
+        self.exit_fd = None           # a pidfd, readable once the child exits
+        self._popen = None
+        self._deadline = self._term_at = None
+        self._wake_w = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def prepare(self):
+        """Open the wake-up channel, before the child starts."""
+        if CAN_EVENTFD:
+            wake_fd = wake_w = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        else:
+            wake_fd, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
+        with self._lock:
+            self.wake_fd, self._wake_w = wake_fd, wake_w
+
+    def begin(self, popen):
+        """Take charge of the child `popen`, just started."""
+        self._popen = popen
+        if self.timeout:
+            self._deadline = time.monotonic() + self.timeout
+        self._watch_exit()
+
+    def ask(self, reason, wake=True):
+        """Ask for the group to end because of `reason`; any thread may."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            if wake and self._wake_w is not None:
+                try:
+                    os.write(self._wake_w, WAKE)
+                except OSError:  # full: a wake-up is already waiting
+                    pass
+
+    def on_wake(self, mask=None):
+        try:
+            os.read(self.wake_fd, 512)
+        except BlockingIOError:
+            pass
+
+    def child_exited(self, mask=None):
+        """The child is dead (its pidfd is readable, or waitid said so)."""
+        self.exited = True
+        self.ask("exit", wake=False)
+
+    def step(self, now, output_done):
+        """Move the group on; returns when step() is next due (a monotonic
+        time), or None.  `output_done()` tells whether the child's output can
+        still get anything (False) or has no writer left (True)."""
+        if self.state == self.RUNNING:
+            if self._deadline is not None and now >= self._deadline:
+                self.ask("timeout", wake=False)
+            if self.reason is None:
+                return self._deadline
+            if not (self.exited and output_done()):
+                # the child, or what it left behind (`cmd &`), gets its SIGTERM
+                signal_group(self._popen.pid, signal.SIGTERM)
+            self.state, self._term_at = self.TERMINATING, now
+        if self.state == self.TERMINATING and (
+                now >= self._term_at + self.grace or self.exited and output_done()):
+            signal_group(self._popen.pid, signal.SIGKILL)
+            self.state = self.KILLED
+        if self.state == self.KILLED and self.exited:
+            self._reap()
+        return self._term_at + self.grace if self.state == self.TERMINATING else None
+
+    def finish(self):
+        """Every way out: SIGKILL what is left of the group, reap, release.  Idempotent."""
+        if self.state != self.REAPED:
+            if self._popen is not None:
+                signal_group(self._popen.pid, signal.SIGKILL)
+            self.state = self.KILLED
+            self._reap()
+
+    def abandon(self):
+        """The child could not start: free the alias; a waiting DELETE gets None."""
+        self.state = self.REAPED
+        self._release()
+
+    def wait(self):
+        """Block until the child is reaped; its exit code (None: it never started)."""
+        self._done.wait()
+        return self.exit_code
+
+    def close(self):
+        """Close the descriptors (the wake-up channel under the lock: a late
+        ask() must never write into a reused descriptor number)."""
+        with self._lock:
+            fds = {self.wake_fd, self._wake_w, self.exit_fd}
+            self.wake_fd = self._wake_w = self.exit_fd = None
+        for fd in fds - {None}:
+            os.close(fd)
+
+    def _reap(self):
+        try:
+            if self._popen is not None:
+                self._popen.wait()
+                self.exit_code = self._popen.returncode
+                self.ask("exit", wake=False)   # when nothing else ended it
+        finally:
+            self.state = self.REAPED
+            self._release()
+
+    def _release(self):
+        self.on_reaped()
+        self._done.set()
+
+    def _watch_exit(self):
+        """Learn of the child's exit without reaping it: a pidfd for the stream's
+        selector, or (before Linux 5.3 and Python 3.9) a thread in waitid()."""
+        if CAN_PIDFD:
+            try:
+                self.exit_fd = os.pidfd_open(self._popen.pid)
+                return
+            except OSError:  # a kernel older than 5.3
+                pass
+        threading.Thread(target=self._wait_in_thread, daemon=True,
+                         name="rexec-wait-%d" % self._popen.pid).start()
+
+    def _wait_in_thread(self):
+        try:
+            if hasattr(os, "waitid"):
+                os.waitid(os.P_PID, self._popen.pid, os.WEXITED | os.WNOWAIT)
+            else:
+                self._popen.wait()
+        except ChildProcessError:
+            pass
+        self.exited = True
+        self.ask("exit")
+
+
 class Process:
-    """One child and its process group, as the registry and its stream see it.
+    """One child, its process group and how it ends, as the registry sees them.
 
     The child leads a new session (start_new_session, never preexec_fn: that
     can deadlock a threaded server), so its pid is the id of its whole group.
-    stop() may be called from any thread; the stream's thread does the rest.
     """
 
-    def __init__(self, spec):
+    def __init__(self, spec, grace, release):
         self.spec = spec
         self.alias = spec.alias
         self.popen = None
         self.output_fd = None        # the pipe or terminal the stream reads
         self.started = time.time()
         self.started_mono = time.monotonic()
-        self.reason = None           # why it ends: one of REASONS; the first one set wins
-        self.exit_code = None
-        self.done = threading.Event()   # set once the child is reaped
-        self._lock = threading.Lock()
-        self.wake_fd = self._wake_w = None
+        self.ending = Ending(grace, spec.timeout, lambda: release(self))
 
     @property
     def pid(self):
@@ -476,12 +728,8 @@ class Process:
         spec = self.spec
         env = dict(os.environ, **spec.envs) if spec.envs else None   # None: no copying
         stdin = subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE
-        if CAN_EVENTFD:
-            self.wake_fd = self._wake_w = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        else:
-            self.wake_fd, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_w, False)
         try:
+            self.ending.prepare()
             if spec.tty:
                 self.output_fd, slave = open_pty()
                 stderr = subprocess.DEVNULL if spec.stderr == "discard" else slave
@@ -497,40 +745,21 @@ class Process:
                     stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr], bufsize=0,
                     close_fds=True, start_new_session=True)
                 self.output_fd = self.popen.stdout.fileno()
+            os.set_blocking(self.output_fd, False)
+            self.ending.begin(self.popen)
         except BaseException:
+            if self.popen is not None:   # it started, but cannot be watched: end it now
+                signal_group(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
             self.close()
             raise
-        os.set_blocking(self.output_fd, False)
-
-    def stop(self, reason):
-        """Ask for the group to end (TERM, then KILL after grace) because of `reason`."""
-        with self._lock:
-            if self.reason is None:
-                self.reason = reason
-            if self._wake_w is not None:
-                try:
-                    os.write(self._wake_w, WAKE)
-                except OSError:  # full: a wake-up is already waiting
-                    pass
-
-    def settle_reason(self, reason):
-        """Record `reason` unless another one came first; returns the one that holds."""
-        with self._lock:
-            if self.reason is None:
-                self.reason = reason
-            return self.reason
 
     def close(self):
-        """Close every descriptor this side holds (the wake-up channel under the
-        lock: a late stop() must never write into a reused descriptor number)."""
-        with self._lock:
-            fds, self.wake_fd, self._wake_w = {self.wake_fd, self._wake_w}, None, None
-            if self.spec.tty:   # a pipe is closed with its Popen file object below
-                fds.add(self.output_fd)
-                self.output_fd = None
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
+        """Close every descriptor this side holds."""
+        self.ending.close()
+        if self.spec.tty and self.output_fd is not None:   # a pipe closes with its Popen
+            os.close(self.output_fd)
+        self.output_fd = None
         if self.popen:
             for pipe in (self.popen.stdin, self.popen.stdout):
                 if pipe:
@@ -538,79 +767,110 @@ class Process:
 
 
 class Stream:
-    """Pumps one child's output to one client until the child is gone.
+    """One child's output to one client until the child is gone: an event loop.
 
-    Whatever ends it -- the child exits, the client goes away (a failed write,
-    or EOF on its socket while the child is silent), the timeout passes, a
-    DELETE or a shutdown asks -- the whole group gets SIGTERM, then SIGKILL
-    after `grace`, and the child is reaped before run() returns.  All of it
-    happens on the connection's own thread, which sleeps in one selector on the
-    output, the socket, the child's stdin, its exit and a wake-up channel: an idle
-    stream costs no CPU, and nothing but a timer wakes it.
+    It sleeps in one selector on the child's output, the client's socket, the
+    child's stdin, its exit and its ending's wake-up channel, and hands on what
+    happens: output and a writable socket to the writer, which moves the bytes;
+    the child's exit, the timeout and a client gone to the ending, which ends
+    the group.  A readable socket while the stream only writes means EOF (the
+    client left) or its next request, kept for after the stream.  An idle
+    stream costs no CPU.  run() returns once the child is reaped.
     """
 
-    def __init__(self, proc, sock, writer, grace, early, on_reaped):
+    def __init__(self, proc, sock, writer, early):
         self.proc = proc
-        self.on_reaped = on_reaped   # frees the alias: called once the child is reaped
+        self.ending = proc.ending
         self.sock = sock
-        self.early = early           # what the client sends meanwhile: its next request
         self.writer = writer
-        self.grace = grace
-        self.splice = CAN_SPLICE and not writer.tls and not proc.spec.tty
-        self.grow_pipe = bool(F_SETPIPE_SZ) and not proc.spec.tty   # see _grow_pipe()
-        self.deadline = proc.started_mono + proc.spec.timeout if proc.spec.timeout else None
-        self.output_open = True
+        self.early = early           # what the client sends meanwhile: its next request
         self.watch_client = True     # off once EARLY_LIMIT bytes of its next request are in
-        self.client_gone = False
-        self.exited = False
-        self.term_at = None          # monotonic time the group got SIGTERM
-        self.killed = False          # SIGKILL sent
-        self.sent = 0                # output bytes framed for the client
         self.stdin = memoryview(proc.spec.stdin or b"")  # what is still to be fed
         self.stdin_fd = proc.popen.stdin.fileno() if proc.popen.stdin else None
         self._registered = {}
-        self._exit_fd = None
 
     def run(self):
         """Stream until the child is gone and reaped; returns its exit code."""
         sel = StreamSelector()
         try:
-            self._watch_exit()
             if self.stdin_fd is not None:
                 os.set_blocking(self.stdin_fd, False)
-            self._advance(time.monotonic())
+            due = self._step()
             while not self._finished():
                 self._update(sel)
-                for key, mask in sel.select(self._select_timeout()):
+                timeout = MAX_SELECT if due is None else max(0.0, due - time.monotonic())
+                for key, mask in sel.select(min(MAX_SELECT, timeout)):
                     key.data(mask)
-                self._advance(time.monotonic())
+                due = self._step()
         finally:
             sel.close()
             self.end()
-        return self.proc.exit_code
+        return self.ending.exit_code
+
+    def lose_client(self):
+        if not self.writer.gone:
+            self.writer.lose()
+            self.ending.ask("disconnect", wake=False)
+
+    def end(self):
+        """Kill what is left of the group, reap, close.  Idempotent."""
+        self.ending.finish()
+        self.proc.close()
+
+    def _step(self):
+        """Let the ending move on; when anything is next due, or None."""
+        now, ending, writer = time.monotonic(), self.ending, self.writer
+        slow = ending.exited and not writer.idle   # a dead child's client has yet to take the rest
+        if slow and now >= writer.progress_at + WRITE_TIMEOUT:
+            self.lose_client()   # ... and stopped reading
+        due = [ending.step(now, self._output_done)]
+        if slow:
+            due.append(writer.progress_at + WRITE_TIMEOUT)
+            if ending.state != ending.REAPED:
+                due.append(now + HANGUP_CHECK)   # see _output_done()
+        due = [t for t in due if t is not None]
+        return min(due) if due else None
+
+    def _output_done(self):
+        """True once nothing more can come out of the child's output: read to
+        its end, or -- with a slow client yet to take what is in the pipe --
+        without a writer, so the group need not hold the alias for the grace."""
+        writer = self.writer
+        return not writer.output_open or (
+            not writer.idle and output_hung_up(self.proc.output_fd))
+
+    def _finished(self):
+        if not self.ending.exited:
+            return False
+        if self.writer.gone or not self.writer.output_open:
+            return True
+        # The child is dead but something (an escaped grandchild) still holds
+        # the pipe: once the group is killed, stop when what is in it has gone out.
+        return (self.ending.state == self.ending.REAPED and self.writer.idle
+                and fionread(self.proc.output_fd) == 0)
 
     # -- what to wait for -------------------------------------------------
 
     def _update(self, sel):
-        proc = self.proc
-        self._want(sel, proc.wake_fd, selectors.EVENT_READ, self._on_wake)
-        if self._exit_fd is not None:
-            self._want(sel, self._exit_fd, 0 if self.exited else selectors.EVENT_READ,
-                       self._on_exit)
-        reading = self.output_open and (self.writer.idle or self.client_gone)
-        self._want(sel, proc.output_fd, selectors.EVENT_READ if reading else 0, self._on_output)
+        ending, writer = self.ending, self.writer
+        self._want(sel, ending.wake_fd, selectors.EVENT_READ, ending.on_wake)
+        if ending.exit_fd is not None:
+            self._want(sel, ending.exit_fd, 0 if ending.exited else selectors.EVENT_READ,
+                       ending.child_exited)
+        self._want(sel, self.proc.output_fd,
+                   selectors.EVENT_READ if writer.wants_output else 0, self._on_output)
         sock_events = 0
-        if not self.client_gone:
+        if not writer.gone:
             if self.watch_client:
                 sock_events |= selectors.EVENT_READ
-            if not self.writer.idle:
+            if not writer.idle:
                 sock_events |= selectors.EVENT_WRITE
         self._want(sel, self.sock, sock_events, self._on_socket)
         if self.stdin_fd is not None:
             self._want(sel, self.stdin_fd, selectors.EVENT_WRITE if self.stdin else 0,
                        self._on_stdin)
             if not self.stdin:  # all fed (or refused): the child sees EOF
-                proc.popen.stdin.close()
+                self.proc.popen.stdin.close()
                 self.stdin_fd = None
 
     def _want(self, sel, fileobj, events, callback):
@@ -625,131 +885,21 @@ class Stream:
             sel.modify(fileobj, events, callback)
         self._registered[fileobj] = events
 
-    def _select_timeout(self):
-        times = []
-        if self.deadline is not None and self.proc.reason is None:
-            times.append(self.deadline)
-        if self.term_at is not None and not self.killed:
-            times.append(self.term_at + self.grace)
-        if self.exited and not self.writer.idle:
-            times.append(self.writer.progress_at + WRITE_TIMEOUT)
-            if not self.killed:
-                times.append(time.monotonic() + HANGUP_CHECK)   # see _advance()
-        return min(MAX_SELECT, max(0.0, min(times) - time.monotonic())) if times else MAX_SELECT
-
-    def _watch_exit(self):
-        """Arrange to learn of the child's exit while it stays a zombie: its pid
-        (the group id) cannot be reused until reaped, so signalling the group
-        stays safe."""
-        if CAN_PIDFD:
-            try:
-                self._exit_fd = os.pidfd_open(self.proc.pid)
-                return
-            except OSError:  # a kernel older than 5.3
-                pass
-        threading.Thread(target=self._wait_in_thread, daemon=True,
-                         name="rexec-wait-%d" % self.proc.pid).start()
-
-    def _wait_in_thread(self):
-        try:
-            if hasattr(os, "waitid"):
-                os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
-            else:
-                self.proc.popen.wait()
-        except ChildProcessError:
-            pass
-        self.exited = True
-        self.proc.stop("exit")
-
     # -- events ------------------------------------------------------------
 
-    def _on_wake(self, mask):
-        try:
-            os.read(self.proc.wake_fd, 512)
-        except BlockingIOError:
-            pass
-
-    def _on_exit(self, mask):
-        self.exited = True
-
     def _on_output(self, mask):
-        """Pass on what the child wrote.  After a large chunk the client took at
-        once, the next one goes straight out too (up to OUTPUT_BURST), without a
-        trip through the selector: a fast child costs fewer calls per byte."""
-        for _ in range(OUTPUT_BURST):
-            size = self._output_chunk()
-            if size < SPLICE_MIN or not (self.writer.idle and self.output_open):
-                return
-
-    def _output_chunk(self):
-        """Read (or splice) one chunk and send what the socket takes; its size."""
-        fd = self.proc.output_fd
-        if self.client_gone:
-            return len(self._read(fd, READ_SIZE))
-        size = fionread(fd)
-        if size >= SPLICE_MIN and self.grow_pipe:
-            self._grow_pipe(fd)
-        if size >= SPLICE_MIN and self.splice:
-            self.writer.frame_from_pipe(fd, min(size, PIPE_SIZE))
-        elif size >= SPLICE_MIN:
-            size = self._readinto(fd, self.writer.frame_buffer())
-            if not size:
-                return 0
-            self.writer.frame_in_buffer(size)
-        else:
-            data = self._read(fd, READ_SIZE)
-            if not data:
-                return 0
-            size = len(data)
-            self.writer.frame(data)
-        self.sent += size
-        if log.isEnabledFor(TRACE):
-            log.log(TRACE, "chunk alias=%s bytes=%d", printable(self.proc.alias), size)
-        self._flush()
-        return size
-
-    def _grow_pipe(self, fd):
-        """A child that fills large chunks gets a PIPE_SIZE pipe: fewer, larger
-        chunks.  Only such a child: every grown pipe counts against the user's
-        pipe budget (fs.pipe-user-pages-soft, 64 MiB), and once an unprivileged
-        user is over it, all its new pipes -- its children's too -- get 8 KiB."""
-        self.grow_pipe = False
         try:
-            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over the per-user pipe budget: the default works
-            pass
-
-    def _read(self, fd, size):
-        try:
-            data = os.read(fd, size)
-        except BlockingIOError:
-            return b""
-        except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: a terminal whose last writer is gone
-                raise
-            data = b""
-        if not data:
-            self.output_open = False
-        return data
-
-    def _readinto(self, fd, view):
-        """_read into `view`; the count (0: nothing, or the end)."""
-        try:
-            count = os.readv(fd, [view])
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            count = 0
-        if not count:
-            self.output_open = False
-        return count
+            self.writer.output_ready()
+        except ClientDisconnected:
+            self.lose_client()
 
     def _on_socket(self, mask):
         if mask & selectors.EVENT_WRITE:
-            self._flush()
-        if mask & selectors.EVENT_READ and not self.client_gone:
+            try:
+                self.writer.flush()
+            except ClientDisconnected:
+                self.lose_client()
+        if mask & selectors.EVENT_READ and not self.writer.gone:
             self._check_client()
 
     def _check_client(self):
@@ -758,11 +908,9 @@ class Stream:
         would stop the watch for EOF at the first byte, and TLS cannot peek."""
         try:
             data = self.sock.recv(EARLY_LIMIT - len(self.early))
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return
         except OSError as exc:
-            if ssl is not None and isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError)):
-                return
             if not is_peer_gone(exc):
                 raise
             data = b""
@@ -773,18 +921,6 @@ class Stream:
         else:
             self.lose_client()
 
-    def _flush(self):
-        try:
-            self.writer.flush()
-        except ClientDisconnected:
-            self.lose_client()
-
-    def lose_client(self):
-        if not self.client_gone:
-            self.client_gone = True
-            self.writer.pending.clear()
-            self.proc.settle_reason("disconnect")
-
     def _on_stdin(self, mask):
         try:
             written = os.write(self.stdin_fd, self.stdin[:READ_SIZE])
@@ -793,69 +929,6 @@ class Stream:
         except (BrokenPipeError, ConnectionResetError):  # the child will not read it all
             written = len(self.stdin)
         self.stdin = self.stdin[written:]
-
-    # -- ending ------------------------------------------------------------
-
-    def _advance(self, now):
-        """Move the group towards its end: TERM once there is a reason, KILL after grace."""
-        if self.exited:
-            self.proc.settle_reason("exit")
-        elif self.deadline is not None and now >= self.deadline:
-            self.proc.settle_reason("timeout")
-        reason = self.proc.reason
-        if reason and self.term_at is None:
-            if not (reason == "exit" and not self.output_open):
-                # the child, or what it left behind (`cmd &`), gets its SIGTERM
-                signal_group(self.proc.pid, signal.SIGTERM)
-            self.term_at = now
-        if self.term_at is not None and not self.killed and now >= self.term_at + self.grace:
-            signal_group(self.proc.pid, signal.SIGKILL)
-            self.killed = True
-        if (self.exited and not self.killed and not self.writer.idle and self.output_open
-                and self._output_hung_up()):
-            # A reading client would now see the pipe's end, and the rest of the
-            # group be killed: a slow one need not hold the alias for the grace.
-            signal_group(self.proc.pid, signal.SIGKILL)
-            self.killed = True
-        if self.exited and self.killed and self.proc.exit_code is None:
-            self._reap()   # nothing left to signal: a client slow to take the rest holds no alias
-        if self.exited and not self.writer.idle and now >= self.writer.progress_at + WRITE_TIMEOUT:
-            self.lose_client()  # the child is dead and the client stopped reading
-
-    def _output_hung_up(self):
-        """True once nothing holds the output's write end, though bytes may be
-        left in it: poll(2) reports POLLHUP even for a descriptor that asks
-        for no events, so this reads nothing."""
-        poller = select.poll()
-        poller.register(self.proc.output_fd, 0)
-        return any(events & select.POLLHUP for _, events in poller.poll(0))
-
-    def _finished(self):
-        if not self.exited:
-            return False
-        if self.client_gone or not self.output_open:
-            return True
-        # The child is dead but something (an escaped grandchild) still holds
-        # the pipe: after SIGKILL, stop once what is in it has gone out.
-        return self.killed and self.writer.idle and fionread(self.proc.output_fd) == 0
-
-    def end(self):
-        """Every way out: kill what is left of the group, reap, close.  Idempotent."""
-        if self.proc.exit_code is None:
-            signal_group(self.proc.pid, signal.SIGKILL)
-            self._reap()
-        if self._exit_fd is not None:
-            os.close(self._exit_fd)
-            self._exit_fd = None
-        self.proc.close()
-
-    def _reap(self):
-        """Collect the exited child's status and free its alias."""
-        proc = self.proc
-        proc.popen.wait()
-        proc.exit_code = proc.popen.returncode
-        proc.settle_reason("exit")
-        self.on_reaped()
 
 
 # --------------------------------------------------------------------------
@@ -1297,7 +1370,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                   cwd=spec.cwd, env_names=sorted(spec.envs), timeout=spec.timeout,
                   stdin_bytes=None if spec.stdin is None else len(spec.stdin),
                   stderr=spec.stderr, tty=spec.tty)
-        proc = Process(spec)
+        proc = Process(spec, server.grace, server.registry.release)
         # Counted from before the claim: a shutdown that comes while Popen runs
         # must wait for this stream, or the child it is starting is orphaned.
         with server.stream_tracker():
@@ -1311,7 +1384,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         try:
             proc.start()
         except BaseException as exc:
-            self._release(proc)   # a DELETE that came between claim and start waits on it
+            proc.ending.abandon()   # a DELETE that came between claim and start waits on it
             if not isinstance(exc, OSError):
                 raise
             server.metrics.count(spawn_failures=1)
@@ -1322,26 +1395,28 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd)
 
     def _stream(self, proc):
-        chunked = self.request_version != "HTTP/1.0"
-        writer = BodyWriter(self.connection, chunked)
-        stream = Stream(proc, self.connection, writer, self.server.grace, self.reader.early,
-                        on_reaped=lambda: self._release(proc))
+        framing = RawWriter if self.request_version == "HTTP/1.0" else ChunkedWriter
+        writer = framing(self.connection, proc.output_fd, proc.spec.tty, proc.alias)
+        stream = Stream(proc, self.connection, writer, self.reader.early)
         try:
-            self._pump(stream, chunked)
+            self._pump(stream)
         finally:
             # Accounting comes after the last chunk: the client need not wait for it.
-            self.sent = stream.sent
-            self.server.metrics.count_exit(proc.reason, stream.sent)
+            ending = proc.ending
+            self.sent = writer.sent
+            self.server.metrics.count_exit(ending.reason, writer.sent)
             log_event(logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
-                      exit=proc.exit_code, reason=proc.reason,
-                      duration="%.3fs" % (time.monotonic() - proc.started_mono), bytes=stream.sent)
+                      exit=ending.exit_code, reason=ending.reason,
+                      duration="%.3fs" % (time.monotonic() - proc.started_mono),
+                      bytes=writer.sent)
 
-    def _pump(self, stream, chunked):
-        """Send the head, run the stream, free the alias, then send the last chunk."""
-        proc, writer = stream.proc, stream.writer
+    def _pump(self, stream):
+        """Send the head, run the stream (it reaps the child and frees the alias),
+        then the end of the body: the alias is free when the client reads it."""
+        writer, ending = stream.writer, stream.ending
         try:
             try:
-                self._send_stream_head(chunked)
+                self._send_stream_head(writer.headers)
             except OSError as exc:  # gone already; the stream still ends the group
                 log.debug("client left before the stream began: %s", exc)
                 stream.lose_client()
@@ -1349,33 +1424,23 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             stream.run()
         finally:
             stream.end()   # run() ends it; this covers a failure before or inside run()
-            self._release(proc)   # before the last chunk: the alias is free
-        if stream.client_gone or not chunked:
+        if writer.gone or not writer.keeps_connection:
             self.close_connection = True
         if self.close_connection and self.reader.early:   # closing with bytes unread
             self.unread_body = True   # would reset the connection over the stream's end
         try:
-            if not stream.client_gone:
-                writer.finish([("Rexec-Exit-Code", str(proc.exit_code)),
-                               ("Rexec-Reason", proc.reason)])
+            if not writer.gone:
+                writer.finish(list(zip(TRAILERS, (str(ending.exit_code), ending.reason))))
         except ClientDisconnected:
             self.close_connection = True
         finally:
             self.connection.settimeout(self.timeout)
 
-    def _release(self, proc):
-        """Free proc's alias and answer DELETEs waiting for it.  Idempotent."""
-        self.server.registry.release(proc)
-        proc.done.set()
-
-    def _send_stream_head(self, chunked):
+    def _send_stream_head(self, framing_headers):
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/octet-stream")
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("Trailer", "Rexec-Exit-Code, Rexec-Reason")
-        else:  # HTTP/1.0: raw bytes, the end of the body is the end of the connection
-            self.send_header("Connection", "close")
+        for name, value in framing_headers:
+            self.send_header(name, value)
         self.end_headers()
 
     def list_processes(self):
@@ -1394,11 +1459,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         proc = self.server.registry.get(alias)
         if proc is None:
             raise Refused(HTTPStatus.NOT_FOUND, "no process with alias %r is running" % alias)
-        proc.stop("killed")
-        proc.done.wait()
-        if proc.exit_code is None:
+        proc.ending.ask("killed")
+        exit_code = proc.ending.wait()
+        if exit_code is None:
             raise Refused(HTTPStatus.NOT_FOUND, "process with alias %r did not start" % alias)
-        self.send_json(HTTPStatus.OK, {"alias": alias, "exit_code": proc.exit_code})
+        self.send_json(HTTPStatus.OK, {"alias": alias, "exit_code": exit_code})
 
     def serve_metrics(self):
         body = self.server.metrics.render(len(self.server.registry))
@@ -1508,6 +1573,54 @@ class RexecServer(_ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    def serve_until(self, stop_fd):
+        """Accept connections, each onto a thread of its own, until `stop_fd` is
+        readable: a stop ends the loop at once, where serve_forever() would
+        notice it only at its next half-second poll (and wake twice a second).
+        While the process is out of descriptors, accepting pauses (ACCEPT_PAUSE)
+        instead of spinning on a listener that stays readable."""
+        self.socket.setblocking(False)   # a connection reset before accept() is no hang
+        with selectors.DefaultSelector() as sel:
+            sel.register(stop_fd, selectors.EVENT_READ)
+            sel.register(self.socket, selectors.EVENT_READ)
+            pause = None
+            starved = False   # said once per spell without descriptors
+            while True:
+                ready = [key.fileobj for key, _ in sel.select(pause)]
+                if stop_fd in ready:
+                    return
+                if pause is not None:   # the pause is over: listen again
+                    sel.register(self.socket, selectors.EVENT_READ)
+                    pause = None
+                    continue
+                try:
+                    request, client_address = self.socket.accept()
+                except WOULD_BLOCK + (ConnectionAbortedError,):
+                    continue
+                except OSError as exc:
+                    if exc.errno not in OUT_OF_RESOURCES_ERRNOS:
+                        raise
+                    if not starved:
+                        log_event(logging.WARNING, "accept-paused", error=exc.strerror,
+                                  seconds=ACCEPT_PAUSE)
+                    starved = True
+                    sel.unregister(self.socket)
+                    pause = ACCEPT_PAUSE
+                    continue
+                starved = False
+                self._process(request, client_address)
+
+    def _process(self, request, client_address):
+        """socketserver's own steps for an accepted connection."""
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if is_peer_gone(exc) or isinstance(exc, (socket.timeout, ClientDisconnected)):
@@ -1531,7 +1644,7 @@ class RexecServer(_ThreadingHTTPServer):
         """Refuse new processes, end every running group, and wait (bounded) for
         each stream to write its trailers."""
         for proc in self.registry.close():
-            proc.stop("shutdown")
+            proc.ending.ask("shutdown")
         with self._streams_done:
             self._streams_done.wait_for(lambda: self._streams == 0, self.grace + 5.0)
 
@@ -1727,10 +1840,8 @@ def serve(argv):
         log.warning("--no-auth: anyone who can reach port %d may run any command", port)
     elif options.token is None and not is_loopback(host):
         log.info("protected mode: no token, so only loopback peers are served")
-    threading.Thread(target=server.serve_forever, name="rexec-accept", daemon=True).start()
-    os.read(stop_r, 1)
+    server.serve_until(stop_r)
     log.info("stopping: ending %d process(es)", len(server.registry))
-    server.shutdown()
     server.end_all_streams()
     server.server_close()
     log.info("stopped")
