@@ -20,6 +20,20 @@ anyone else reach its port; --allow narrows what may be run.
 
 Standard library only; CPython 3.6 or newer; Linux first, other POSIX systems
 (macOS) without the Linux fast paths.  Not for Windows.
+
+The sections of this file, in order:
+
+    Protocol            chunk framing; BodyWriter (ChunkedWriter, RawWriter), which
+                        owns every byte path from a child's output to a socket
+    Requests            parse_spec(): what a POST /process body may say
+    Process supervision Ending, the one owner of how a process group ends;
+                        Process (one child); Stream, the event loop of one stream
+    Registry, metrics   the alias registry; counters for GET /metrics
+    Logging             one line per event, as text or JSON
+    HTTP handler        RexecHandler: the API on one connection
+    Server              RexecServer: the accept loop, a thread per connection
+    Command line        the server's options, its start-up and signals: serve()
+    Client              rexec.py run | ps | kill
 """
 
 import argparse
