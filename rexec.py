@@ -116,6 +116,9 @@ MAX_NESTING = 32             # JSON depth; deeper input could overflow a small t
 # An unterminated string runs to the end: every match succeeds, so the scan stays linear.
 JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 MAX_TIMEOUT = 365 * 86400.0  # a longer "timeout" is surely a mistake; leave it out for none
+MAX_ALIAS = 128              # characters; an alias is repeated in every log line and listing
+MAX_NUMBER = 40              # characters of a JSON number literal: int() of a longer one could
+                             # take seconds under the GIL (3.11+ refuses them itself, 3.6 not)
 MAX_SELECT = 86400.0         # selectors overflow on huge timeouts; waking daily costs nothing
 CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")   # ASCII only: int() also takes "+5", "1_0", "٥"
 SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
@@ -437,6 +440,46 @@ def _check_os_string(value, what):
         raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text" % what)
 
 
+def alias_problem(alias):
+    """What is wrong with `alias` ("must be ..."), or None if it can be one.
+
+    An alias is at most MAX_ALIAS printable characters (str.isprintable: no
+    control, format or separator characters but the space, no lone surrogates),
+    so that one_line() leaves it as it is: a log line, a listing or a message
+    shows it verbatim, and it can be typed back to DELETE it.
+    """
+    if len(alias) > MAX_ALIAS:
+        return "must be at most %d characters" % MAX_ALIAS
+    if not alias.isprintable():
+        return ("must be printable text (no control, format or line-separator characters, "
+                "no lone surrogates)")
+    return None
+
+
+class JSONLimit(ValueError):
+    """Valid JSON that goes beyond what rexec parses (see load_json)."""
+
+
+def _json_number(convert):
+    def parse(literal):
+        if len(literal) > MAX_NUMBER:
+            raise JSONLimit("a number longer than %d characters" % MAX_NUMBER)
+        return convert(literal)
+    return parse
+
+
+def _json_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def load_json(text):
+    """json.loads, but a number literal over MAX_NUMBER characters raises JSONLimit
+    before it is converted (int() is quadratic; 3.11+ would raise its own error at
+    4300 digits), and NaN and Infinity, which JSON does not have, raise ValueError."""
+    return json.loads(text, parse_int=_json_number(int), parse_float=_json_number(float),
+                      parse_constant=_json_constant)
+
+
 def json_depth(body):
     """How deeply arrays and objects nest in `body` (a guess for invalid JSON).
 
@@ -456,7 +499,7 @@ def json_depth(body):
 def parse_spec(body):
     """Turn a request body into a ProcessSpec, or raise Refused(400) naming the problem.
 
-    Fields: alias and cmd (non-empty strings, required); args (list of
+    Fields: alias (see alias_problem) and cmd (non-empty strings, required); args (list of
     strings); cwd (string, default "."); envs (object of string to string,
     added to the server's environment); timeout (positive number of seconds);
     stdin (string, fed to the child as UTF-8); stderr ("inherit", "merge",
@@ -467,11 +510,13 @@ def parse_spec(body):
     if json_depth(body) > MAX_NESTING:
         raise Refused(bad, "the body is nested too deeply")
     try:
-        obj = json.loads(body.decode("utf-8"))
+        obj = load_json(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise Refused(bad, "the body is not UTF-8")
     except RecursionError:
         raise Refused(bad, "the body is nested too deeply")
+    except JSONLimit as exc:
+        raise Refused(bad, "the body has %s" % exc)
     except ValueError as exc:
         raise Refused(bad, "the body is not JSON: %s" % exc)
     if not isinstance(obj, dict):
@@ -512,7 +557,11 @@ def parse_spec(body):
     tty = obj.get("tty", False)
     if not isinstance(tty, bool):
         raise Refused(bad, "field 'tty' must be true or false")
-    return ProcessSpec(alias=_text(obj, "alias", required=True, nonempty=True),
+    alias = _text(obj, "alias", required=True, nonempty=True)
+    problem = alias_problem(alias)
+    if problem:
+        raise Refused(bad, "field 'alias' %s" % problem)
+    return ProcessSpec(alias=alias,
                        cmd=_text(obj, "cmd", required=True, nonempty=True),
                        args=args, cwd=_text(obj, "cwd", ".", nonempty=True), envs=envs,
                        timeout=timeout, stdin=stdin, stderr=stderr, tty=tty)
@@ -1047,13 +1096,26 @@ class Metrics:
 # Logging
 # --------------------------------------------------------------------------
 
+def one_line(text):
+    """`text` with each character that is not printable written as Python writes
+    it in a literal (\\n, \\x1b, \\x9b, \\u2028, \\udcff): one line that cannot move a
+    terminal's cursor, retitle its window or forge a log line.  Backslashes are
+    left alone, so %r-quoted parts are not escaped twice; it is for reading."""
+    text = str(text)
+    # isprintable() is False for every control, format and separator character
+    # but the ASCII space, for lone surrogates and for unassigned code points.
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def printable(value):
-    """A log-safe rendering: no control characters, quoted when it has spaces."""
+    """A log-safe rendering of a field: one_line(), in double quotes (with
+    backslashes and quotes escaped) when it is empty, has spaces or had to be escaped."""
     text = str(value)
-    # isprintable() is False for every whitespace character but the ASCII space
     if text and text.isprintable() and " " not in text:
         return text
-    return json.dumps(text)
+    return '"%s"' % one_line(text.replace("\\", "\\\\").replace('"', '\\"'))
 
 
 class Event:
@@ -1481,18 +1543,23 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def serve_metrics(self):
         body = self.server.metrics.render(len(self.server.registry))
-        self.send_text(HTTPStatus.OK, body, content_type="text/plain; version=0.0.4; charset=utf-8")
+        self.send_body(HTTPStatus.OK, body.encode("utf-8"),
+                       "text/plain; version=0.0.4; charset=utf-8")
 
     def serve_health(self):
         self.send_text(HTTPStatus.OK, "ok")
 
     # -- responses -----------------------------------------------------------
 
-    def send_text(self, status, text, headers=(), content_type="text/plain; charset=utf-8"):
-        """A complete response with a Content-Length; text gets a final newline."""
-        if not text.endswith("\n"):
-            text += "\n"
-        body = text.encode("utf-8", "backslashreplace")   # lone surrogates from os.fsdecode
+    def send_text(self, status, message, headers=()):
+        """A one-line plain-text answer: `message` escaped by one_line(), then a newline.
+        Every refusal and error goes this way, whatever text (a path, an OS message,
+        a file name) it quotes."""
+        self.send_body(status, (one_line(message) + "\n").encode("utf-8"),
+                       "text/plain; charset=utf-8", headers)
+
+    def send_body(self, status, body, content_type, headers=()):
+        """A complete response with a Content-Length: the bytes `body` as they are."""
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
@@ -1507,7 +1574,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             self.sent = len(body)
 
     def send_json(self, status, obj):
-        self.send_text(status, json.dumps(obj), content_type="application/json")
+        self.send_body(status, (json.dumps(obj) + "\n").encode("ascii"), "application/json")
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, 414, 431, ...), as plain text."""
@@ -1520,7 +1587,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.status = code    # the access line is written once the response is done
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
+        log.debug("%s %s", self.address_string(), one_line(fmt % args))
 
     def _log_access(self):
         status = int(self.status)
@@ -1704,7 +1771,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument costs one line and exit status 2."""
 
     def error(self, message):
-        self.exit(2, "%s: %s (see --help)\n" % (self.prog, message))
+        self.exit(2, "%s: %s (see --help)\n" % (self.prog, one_line(message)))
 
 
 def server_arguments():
@@ -1919,7 +1986,8 @@ def write_output(data):
 
 
 def say(message):
-    write_fd(2, ("rexec: %s\n" % message).encode("utf-8", "replace"))
+    """One line on stderr, escaped by one_line(): it may quote what a server said."""
+    write_fd(2, ("rexec: %s\n" % one_line(message)).encode("utf-8"))
 
 
 def describe_error(exc):
@@ -2070,8 +2138,9 @@ class PrefixedLines:
 
 def run_everywhere(options):
     """Run on every --url at once; the highest exit status is the result."""
-    spec = {"alias": options.alias or "%s-%s" % (os.path.basename(options.cmd)[:40] or "run",
-                                                  os.urandom(4).hex()),
+    # The default alias is valid whatever CMD is: its name's printable characters.
+    name = "".join(filter(str.isprintable, os.path.basename(options.cmd)))[:40]
+    spec = {"alias": options.alias or "%s-%s" % (name or "run", os.urandom(4).hex()),
             "cmd": options.cmd, "args": options.args}
     if options.verbose and not options.alias:
         say("alias %s" % spec["alias"])
@@ -2114,16 +2183,17 @@ def list_processes(options):
             raise refusal(response)
         try:
             now = time.time()
-            rows = [(p["alias"], str(p["pid"]), format_age(now - p["started"]),
-                     " ".join(shlex.quote(word) for word in [p["cmd"]] + p["args"]))
-                    for p in json.loads(response.read().decode("utf-8"))]
+            # Each cell one_line()d: a server's listing must not reach the terminal raw.
+            rows = [tuple(map(one_line, (p["alias"], p["pid"], format_age(now - p["started"]),
+                                         " ".join(map(shlex.quote, [p["cmd"]] + p["args"])))))
+                    for p in load_json(response.read().decode("utf-8"))]
         except (ValueError, KeyError, TypeError):
             raise ClientError(EXIT_REFUSED, "the answer is not a list of processes")
     rows.insert(0, ("ALIAS", "PID", "AGE", "COMMAND"))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     table = "".join("  ".join([cell.ljust(width) for cell, width in zip(row, widths)]
                               + [row[3]]) + "\n" for row in rows)
-    write_output(table.encode("utf-8", "replace"))
+    write_output(table.encode("utf-8"))
     return 0
 
 
@@ -2160,6 +2230,14 @@ def server_url(text):
     return text
 
 
+def alias_text(text):
+    """An --alias or kill's ALIAS: one the server can take (see alias_problem)."""
+    problem = alias_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError("the alias %s" % problem)
+    return text
+
+
 def env_pair(text):
     name, equals, value = text.partition("=")
     if not name or not equals:
@@ -2185,7 +2263,8 @@ def client_arguments():
                               usage="rexec run [options] -- CMD [ARG...]")
     run.add_argument("--url", action="append", type=server_url,
                      help=url_help + "; repeat to run on several at once")
-    run.add_argument("--alias", metavar="A", help="the process's name there (default: CMD-random)")
+    run.add_argument("--alias", metavar="A", type=alias_text,
+                     help="the process's name there (default: CMD-random)")
     run.add_argument("--cwd", metavar="DIR", help="working directory there")
     run.add_argument("-e", dest="env", action="append", type=env_pair, default=[],
                      metavar="KEY=VALUE", help="add to its environment (repeatable)")
@@ -2201,7 +2280,7 @@ def client_arguments():
     kill = commands.add_parser("kill", parents=[common], help="end one process: 0 if it ran")
     for sub in (ps, kill):
         sub.add_argument("--url", type=server_url, help=url_help)
-    kill.add_argument("alias")
+    kill.add_argument("alias", type=alias_text)
     return parser
 
 

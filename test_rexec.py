@@ -2523,6 +2523,197 @@ class FastPathTests(unittest.TestCase):
             self.assertEqual(spliced, expected, "%s: splice used: %s" % (mode, spliced))
 
 
+# --------------------------------------------------------------------------
+# Hardening (issue 15): what a request and its answers may carry
+# --------------------------------------------------------------------------
+
+# What a terminal must never get from rexec: C0 and C1 controls, DEL, separators.
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def answer_once(listener, answer):
+    """Accept one connection, read its request (head and Content-Length body),
+    send `answer` and close once the client has."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(20)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536) or b"\r\n\r\n"
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        while length and len(body) < int(length.group(1)):
+            body += conn.recv(65536) or b"x" * int(length.group(1))
+        conn.sendall(answer)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):
+            pass
+
+
+class InputHardeningTests(ServerTestCase):
+    """Aliases are bounded printable text, numbers are bounded literals, and every
+    message in a body, a log line or on the client's terminal is one escaped line."""
+
+    def assertOneEscapedLine(self, text, fragment=""):
+        self.assertTrue(text.endswith("\n") and text.count("\n") == 1, repr(text))
+        self.assertIsNone(CONTROLS.search(text[:-1]), repr(text))
+        self.assertIn(fragment, text)
+
+    def refusal(self, body, status=400):
+        with Conn(self.server) as conn:
+            response = conn.request("POST", "/process", body)
+        self.assertEqual(response.status, status, response.body[:200])
+        self.assertEqual(response.headers["content-type"], "text/plain; charset=utf-8")
+        text = response.body.decode("utf-8")
+        self.assertOneEscapedLine(text)
+        return text
+
+    def test_one_line_escapes_control_characters_and_printable_shares_it(self):
+        hostile = "a\x1b]0;title\x07\n\r\t\x00\x7f\x85\x9b\u2028\u202e\ud800\udcff"
+        self.assertEqual(rexec.one_line(hostile + " \u00e9\u65e5 'q' \\x"),
+                         "a\\x1b]0;title\\x07\\n\\r\\t\\x00\\x7f\\x85\\x9b\\u2028\\u202e\\ud800"
+                         "\\udcff \u00e9\u65e5 'q' \\x")
+        self.assertEqual(rexec.one_line("plain text"), "plain text")
+        self.assertEqual(rexec.printable("\u00e9t\u00e9"), "\u00e9t\u00e9")
+        self.assertEqual(rexec.printable('a "b"\x1b\\'), '"a \\"b\\"\\x1b\\\\"')
+        self.assertEqual(rexec.printable(""), '""')
+
+    def test_error_bodies_are_one_line_with_control_characters_escaped(self):
+        hostile = "\x1b]0;pwned\x07\n\x1b[2J\x9b\x7f"
+        for spec in ({"cmd": "/no/such/" + hostile}, {"cmd": "true", "cwd": "/no/such/" + hostile}):
+            spec["alias"] = "a"
+            with self.subTest(spec=spec):
+                text = self.refusal(spec, 404)
+                self.assertIn("\\x1b]0;pwned\\x07\\n\\x1b[2J\\x9b\\x7f", text)
+        with Conn(self.server) as conn:
+            conn.sock.sendall(b"GET /x\x1b]0;pwned\x07\x00\x9b\x7f HTTP/1.1\r\n"
+                              b"Host: localhost\r\n\r\n")
+            response = conn.response()
+        # 501 here; a head parser that refuses control characters says 400: one line either way
+        self.assertIn(response.status, (400, 501))
+        self.assertOneEscapedLine(response.body.decode("utf-8"))
+        self.assertEqual(run(self.server, {"alias": "a", "cmd": "true"}).status, 200)
+        self.assertIsNone(re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", self.server.log()))
+
+    def test_alias_is_printable_utf8_text_of_at_most_max_alias_characters(self):
+        self.assertEqual(rexec.MAX_ALIAS, 128)
+        for alias in ("\ud800", "a\udcff", "a\x1bb", "a\nb", "a\tb", "\x85", "a\u2028",
+                      "a\u202eb", "x" * 129, "x" * 500000):
+            with self.subTest(alias=alias[:20]):
+                text = self.refusal({"alias": alias, "cmd": "true"})
+                self.assertIn("field 'alias' ", text)
+                self.assertLess(len(text), 200)
+        self.assertIn("at most 128 characters", self.refusal({"alias": "x" * 129, "cmd": "true"}))
+        for alias in ("x" * 128, "\u00e9 b/c% \u65e5\u672c"):
+            with self.subTest(alias=alias[:20]):
+                response = run(self.server, {"alias": alias, "cmd": "echo", "args": ["ok"]})
+                self.assertEqual(response.body, b"ok\n")
+        self.assertEqual(self.ps(), [])
+        log = self.server.log()
+        self.assertNotIn("x" * 129, log)
+        self.assertIsNone(re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", log))
+
+    def test_number_literals_are_bounded_before_they_are_parsed(self):
+        digits = "9" * 1000000
+        for literal in (digits, "-" + digits, "0." + "0" * 999990 + "1",
+                        "1" + "0" * 999990 + "e-999"):
+            for field in ('"timeout": %s', '"args": [%s]'):
+                body = ('{"alias": "a", "cmd": "true", %s}' % (field % literal)).encode()
+                with self.subTest(literal=literal[:10], field=field[:7]):
+                    self.assertIn("a number longer than 40 characters", self.refusal(body))
+        for constant in ("NaN", "Infinity", "-Infinity"):
+            with self.subTest(constant=constant):
+                body = '{"alias": "a", "cmd": "true", "timeout": %s}' % constant
+                text = self.refusal(body.encode())
+                self.assertIn("not JSON: %s is not a JSON number" % constant, text)
+        forty = "10." + "0" * 37
+        self.assertEqual(len(forty), 40)
+        body = '{"alias": "a", "cmd": "echo", "args": ["ok"], "timeout": %s}' % forty
+        self.assertEqual(run(self.server, body.encode()).body, b"ok\n")
+        self.assertNotIn("Traceback", self.server.log())
+
+    # -- the client --------------------------------------------------------
+
+    def client(self, *args):
+        """rexec.py ARGS (str or bytes) run to its end: (status, stdout bytes, stderr text)."""
+        env = dict(os.environ)
+        for name in ("REXEC_TOKEN", "REXEC_URL"):
+            env.pop(name, None)
+        proc = subprocess.Popen([sys.executable, REXEC] + list(args), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        out, err = proc.communicate(timeout=60)
+        return proc.returncode, out, err.decode("utf-8", "replace")
+
+    def canned(self, answer):
+        """The URL of a server that answers one request with the raw bytes `answer`."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        thread = threading.Thread(target=answer_once, args=(listener, answer), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 20)
+        return "http://127.0.0.1:%d" % listener.getsockname()[1]
+
+    def test_client_escapes_what_a_server_says(self):
+        hostile = "\x1b]0;pwned\x07\x1b[2J\x9b\n"
+        listing = json.dumps([{"alias": hostile, "pid": hostile, "started": time.time(),
+                               "cmd": "sh" + hostile, "args": [hostile]}]).encode()
+        status, out, err = self.client("ps", "--url", self.canned(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(listing), listing)))
+        self.assertEqual((status, err), (0, ""))
+        header, row = out.decode().splitlines()
+        self.assertIsNone(CONTROLS.search(row), row)
+        self.assertIn("\\x1b]0;pwned\\x07\\x1b[2J\\x9b\\n", row)
+        message = ("bad %s thing" % hostile).encode("utf-8")
+        for args in (["run", "--", "true"], ["kill", "x"], ["kill", "-v", "x"]):
+            answer = (b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s"
+                      % (b"200 OK" if "-v" in args else b"400 Bad Request", len(message), message))
+            with self.subTest(args=args):
+                status, out, err = self.client(args[0], "--url", self.canned(answer), *args[1:])
+                self.assertEqual(status, 0 if "-v" in args else 125)
+                self.assertOneEscapedLine(err, "bad \\x1b]0;pwned\\x07\\x1b[2J\\x9b")
+        stream = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+                  b"Rexec-Exit-Code: 0\r\nRexec-Reason: \x1b]0;pwned\x07\x9b\r\n\r\n")
+        status, out, err = self.client("run", "-v", "--alias", "a", "--url", self.canned(stream),
+                                       "--", "true")
+        self.assertEqual(status, 0)
+        self.assertOneEscapedLine(err, "reason \\x1b]0;pwned\\x07\\x9b")
+
+    def test_client_ps_escapes_a_real_listing_and_names_any_command_validly(self):
+        hostile = "\x1b]0;pwned\x07\x1b[2J"
+        proc = subprocess.Popen([sys.executable, REXEC, "run", "--url", self.server.url,
+                                 "--alias", "ps-test", "--", "sh", "-c", "exec sleep 300", hostile],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait()))
+        self.assertTrue(wait_for(lambda: [p for p in self.ps() if p["pid"]]))
+        status, out, err = self.client("ps", "--url", self.server.url)
+        self.assertEqual((status, err), (0, ""))
+        row = out.decode().splitlines()[1]
+        self.assertIsNone(CONTROLS.search(row), row)
+        self.assertIn("'\\x1b]0;pwned\\x07\\x1b[2J'", row)
+        self.assertEqual(self.client("kill", "--url", self.server.url, "ps-test")[0], 0)
+        # The default alias is made of the command's name: any name makes a valid one.
+        for cmd in (b"/no/such/\xff" + hostile.encode(), "/no/such/" + "y" * 200):
+            with self.subTest(cmd=cmd[:20]):
+                status, out, err = self.client("run", "--url", self.server.url, "--", cmd)
+                self.assertEqual((status, out), (127, b""), err)
+                self.assertOneEscapedLine(err, "404 cannot start")
+
+    def test_client_refuses_an_alias_that_cannot_be_valid(self):
+        for args in (["kill", b"\xff"], ["kill", "a\x1b[2J"], ["kill", "x" * 129],
+                     ["run", "--alias", b"a\xff", "--", "true"],
+                     ["run", "--alias", "a\nb", "--", "true"],
+                     ["run", "--alias", "x" * 129, "--", "true"]):
+            with self.subTest(args=args[:2]):
+                status, out, err = self.client(args[0], "--url", self.server.url, *args[1:])
+                self.assertEqual((status, out), (2, b""))
+                self.assertOneEscapedLine(err, "alias")
+                self.assertNotIn("Traceback", err)
+        self.assertNotIn("POST", self.server.log())
+        self.assertNotIn("DELETE", self.server.log())
+
+
 # ==========================================================================
 # Benchmark (issue 6): python3 test_rexec.py bench [--quick] [--json FILE]
 #                                                    [--only PARTS]
