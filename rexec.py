@@ -99,7 +99,11 @@ LINGER_TIME = 1.0            # seconds spent discarding an unread body before cl
 THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in little memory
 LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
 ACCEPT_PAUSE = 0.1           # seconds without accepting while out of descriptors (EMFILE)
+DRAIN_SLACK = 5.0            # seconds a stop waits past the grace for streams to send their end
+DRAIN_POLL = 0.05            # seconds between a draining stop's looks at its streams
+CUT_WAIT = 1.0               # seconds for streams cut off at a drain's end to write their logs
 SD_LISTEN_FDS_START = 3      # systemd socket activation hands the socket over as fd 3
+UNIX_PEER = "unix"           # the peer address of a client on an inherited Unix socket
 TRACE = 5                    # the -vv log level, below DEBUG
 
 # Socket errnos that mean "the peer is gone", not "rexec is broken".
@@ -107,6 +111,16 @@ PEER_GONE_ERRNOS = frozenset({
     errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ESHUTDOWN,
     errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETRESET,
 })
+# What each signal that would end rexec by default does instead (README, Operating).
+# Stop: end every group, send each stream its trailers, exit 0; a second one kills now.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+# Logged and ignored: none has a meaning here, and dying of one would orphan every
+# child.  SIGHUP is kept for reloading the configuration.
+IGNORED_SIGNALS = frozenset(
+    [getattr(signal, name) for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+                                        "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT")
+     if hasattr(signal, name)]
+    + list(range(getattr(signal, "SIGRTMIN", 0), getattr(signal, "SIGRTMAX", -1) + 1)))
 # accept() errnos that say "not now": the process or system is out of something.
 OUT_OF_RESOURCES_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REASONS = ("exit", "timeout", "killed", "shutdown", "disconnect")
@@ -196,10 +210,11 @@ def read_output(fd, view):
         return 0
 
 
-def wait_writable(sock, timeout):
-    """Block until `sock` can take more bytes; False when `timeout` passes first."""
+def wait_ready(fileobj, events, timeout):
+    """Block until `fileobj` is ready for `events` (selectors.EVENT_READ or
+    EVENT_WRITE); False when `timeout` passes first."""
     with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_WRITE)
+        sel.register(fileobj, events)
         return bool(sel.select(timeout))
 
 
@@ -294,7 +309,7 @@ class BodyWriter:
         WRITE_TIMEOUT for each pause of the client's."""
         self._queue(self.last(trailers))
         while not self.flush():
-            if not wait_writable(self.sock, WRITE_TIMEOUT):
+            if not wait_ready(self.sock, selectors.EVENT_WRITE, WRITE_TIMEOUT):
                 raise ClientDisconnected("the client stopped reading")
 
     def lose(self):
@@ -651,11 +666,14 @@ class Ending:
             self._deadline = time.monotonic() + self.timeout
         self._watch_exit()
 
-    def ask(self, reason, wake=True):
-        """Ask for the group to end because of `reason`; any thread may."""
+    def ask(self, reason, wake=True, hurry=False):
+        """Ask for the group to end because of `reason`; any thread may.
+        `hurry`: no grace, SIGKILL right after SIGTERM."""
         with self._lock:
             if self.reason is None:
                 self.reason = reason
+            if hurry:
+                self.grace = 0.0
             if wake and self._wake_w is not None:
                 try:
                     os.write(self._wake_w, WAKE)
@@ -847,7 +865,6 @@ class Stream:
         self.sock = sock
         self.writer = writer
         self.early = early           # what the client sends meanwhile: its next request
-        self.watch_client = True     # off once EARLY_LIMIT bytes of its next request are in
         self.stdin = memoryview(proc.spec.stdin or b"")  # what is still to be fed
         self.stdin_fd = proc.popen.stdin.fileno() if proc.popen.stdin else None
         self._registered = {}
@@ -924,8 +941,7 @@ class Stream:
                    selectors.EVENT_READ if writer.wants_output else 0, self._on_output)
         sock_events = 0
         if not writer.gone:
-            if self.watch_client:
-                sock_events |= selectors.EVENT_READ
+            sock_events |= selectors.EVENT_READ
             if not writer.idle:
                 sock_events |= selectors.EVENT_WRITE
         self._want(sel, self.sock, sock_events, self._on_socket)
@@ -966,9 +982,12 @@ class Stream:
             self._check_client()
 
     def _check_client(self):
-        """The socket is readable while we only write: EOF means the client left.
+        """The socket is readable while we only write: EOF means the client left
+        (a client that only half-closed its side too: it cannot be told apart).
         Bytes are its next request, kept for after the stream: peeking instead
-        would stop the watch for EOF at the first byte, and TLS cannot peek."""
+        would stop the watch for EOF at the first byte, and TLS cannot peek.  A
+        client that sends EARLY_LIMIT bytes meanwhile is not pipelining a request
+        but flooding: the stream ends, as if it had left."""
         try:
             data = self.sock.recv(EARLY_LIMIT - len(self.early))
         except WOULD_BLOCK:
@@ -977,11 +996,11 @@ class Stream:
             if not is_peer_gone(exc):
                 raise
             data = b""
-        if data:
-            self.early += data
-            # Beyond the limit the kernel holds the rest; write errors still tell.
-            self.watch_client = len(self.early) < EARLY_LIMIT
-        else:
+        self.early += data
+        if not data or len(self.early) >= EARLY_LIMIT:
+            if data:
+                log_event(logging.WARNING, "client-flood", alias=self.proc.alias,
+                          bytes=len(self.early))
             self.lose_client()
 
     def _on_stdin(self, mask):
@@ -1200,6 +1219,9 @@ class DeadlineReader(io.RawIOBase):
 
 
 def is_loopback(host):
+    """True for a peer on this host: a loopback address, or a Unix-socket peer."""
+    if host == UNIX_PEER:
+        return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -1449,7 +1471,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         proc = Process(spec, server.grace, server.registry.release)
         # Counted from before the claim: a shutdown that comes while Popen runs
         # must wait for this stream, or the child it is starting is orphaned.
-        with server.stream_tracker():
+        with server.stream_tracker(self.connection):
             server.registry.claim(proc)
             self._spawn(proc)
             self._stream(proc)
@@ -1637,7 +1659,7 @@ class RexecServer(_ThreadingHTTPServer):
         self.ssl_context = options.ssl_context
         self.registry = Registry(options.max_procs)
         self.metrics = Metrics()
-        self._streams = 0
+        self._streams = set()          # the connections of the streams in progress
         self._streams_done = threading.Condition()
         if ":" in options.ip:
             self.address_family = socket.AF_INET6
@@ -1647,7 +1669,19 @@ class RexecServer(_ThreadingHTTPServer):
             super().__init__((options.ip, options.port), RexecHandler, bind_and_activate=False)
             self.socket.close()
             self.socket = inherited_socket(inherited_fd)
+            self.address_family = self.socket.family
             self.server_address = self.socket.getsockname()
+
+    def describe_address(self):
+        """(where it listens, for a log line; its URL)."""
+        scheme = "https" if self.ssl_context else "http"
+        if self.address_family == getattr(socket, "AF_UNIX", None):
+            path = self.server_address
+            path = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
+            return "Unix socket %s" % path, "%s+unix://%s" % (scheme, urllib.parse.quote(path, ""))
+        host, port = self.server_address[:2]
+        return ("%s port %d" % (host, port),
+                "%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, port))
 
     def server_bind(self):
         # HTTPServer.server_bind looks the host name up (getfqdn); rexec has no use for it.
@@ -1655,9 +1689,10 @@ class RexecServer(_ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def serve_until(self, stop_fd):
-        """Accept connections, each onto a thread of its own, until `stop_fd` is
-        readable: a stop ends the loop at once, where serve_forever() would
-        notice it only at its next half-second poll (and wake twice a second).
+        """Accept connections, each onto a thread of its own, until a stop signal
+        comes through `stop_fd` (see take_signals): a stop ends the loop at once,
+        where serve_forever() would notice it only at its next half-second poll
+        (and wake twice a second).
         While the process is out of descriptors, accepting pauses (ACCEPT_PAUSE)
         instead of spinning on a listener that stays readable."""
         self.socket.setblocking(False)   # a connection reset before accept() is no hang
@@ -1669,7 +1704,9 @@ class RexecServer(_ThreadingHTTPServer):
             while True:
                 ready = [key.fileobj for key, _ in sel.select(pause)]
                 if stop_fd in ready:
-                    return
+                    if self.take_signals(stop_fd):
+                        return
+                    continue
                 if pause is not None:   # the pause is over: listen again
                     sel.register(self.socket, selectors.EVENT_READ)
                     pause = None
@@ -1689,6 +1726,8 @@ class RexecServer(_ThreadingHTTPServer):
                     pause = ACCEPT_PAUSE
                     continue
                 starved = False
+                if not isinstance(client_address, tuple):   # a Unix socket's peer: "" or b""
+                    client_address = (UNIX_PEER, 0)
                 self._process(request, client_address)
 
     def _process(self, request, client_address):
@@ -1710,24 +1749,68 @@ class RexecServer(_ThreadingHTTPServer):
             log.error("error on the connection from %s", client_address[0], exc_info=True)
 
     @contextlib.contextmanager
-    def stream_tracker(self):
-        """Counts the streams in progress, for a shutdown to wait on."""
+    def stream_tracker(self, connection):
+        """Counts the streams in progress, for a stop to wait on (and cut off)."""
         with self._streams_done:
-            self._streams += 1
+            self._streams.add(connection)
         try:
             yield
         finally:
             with self._streams_done:
-                self._streams -= 1
+                self._streams.discard(connection)
                 self._streams_done.notify_all()
 
-    def end_all_streams(self):
-        """Refuse new processes, end every running group, and wait (bounded) for
-        each stream to write its trailers."""
-        for proc in self.registry.close():
+    def drain(self, signal_fd):
+        """The stop: stop listening, end every group, and wait for each stream to
+        send its end -- at most the grace and DRAIN_SLACK more.  A second stop
+        signal meanwhile SIGKILLs every group at once.  Streams still held up at
+        the end (by a client that does not read) are cut off, so that each still
+        writes its end and access log lines before rexec exits."""
+        self.socket.close()   # new connections are refused, not left to hang
+        procs = self.registry.close()
+        for proc in procs:
             proc.ending.ask("shutdown")
+        deadline = time.monotonic() + self.grace + DRAIN_SLACK
+        hurried = False
+        while self._streams and time.monotonic() < deadline:
+            signalled = wait_ready(signal_fd, selectors.EVENT_READ, DRAIN_POLL)
+            if signalled and self.take_signals(signal_fd):
+                if not hurried:
+                    log_event(logging.WARNING, "stop-now", processes=len(procs))
+                    for proc in procs:
+                        proc.ending.ask("shutdown", hurry=True)
+                hurried = True
         with self._streams_done:
-            self._streams_done.wait_for(lambda: self._streams == 0, self.grace + 5.0)
+            for connection in self._streams:
+                with contextlib.suppress(OSError):
+                    # the plain socket's shutdown: an SSLSocket's own would drop its TLS state
+                    socket.socket.shutdown(connection, socket.SHUT_RDWR)
+            self._streams_done.wait_for(lambda: not self._streams, CUT_WAIT)
+
+    def take_signals(self, signal_fd):
+        """Read the signals that came (set_wakeup_fd wrote their numbers); log and
+        drop the ignored ones; True if one of them asks rexec to stop."""
+        try:
+            numbers = os.read(signal_fd, 512)
+        except BlockingIOError:
+            return False
+        stop = False
+        for signum in numbers:
+            if signum in STOP_SIGNALS:
+                stop = True
+            else:
+                log_event(logging.WARNING if signum != signal.SIGHUP else logging.INFO,
+                          "signal-ignored", signal=signal_name(signum),
+                          why="no configuration to reload yet" if signum == signal.SIGHUP
+                          else "it has no meaning here")
+        return stop
+
+
+def signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:   # a real-time signal
+        return "SIGRTMIN+%d" % (signum - signal.SIGRTMIN)
 
 
 def inherited_socket_fd():
@@ -1887,7 +1970,7 @@ def load_ssl_context(options):
 
 
 def serve(argv):
-    """Run the server until SIGTERM or SIGINT; returns the exit status."""
+    """Run the server until SIGTERM, SIGINT or SIGQUIT; returns the exit status."""
     options = server_arguments().parse_args(argv)
     setup_logging(options.verbosity, options.log_format)
     try:
@@ -1904,7 +1987,8 @@ def serve(argv):
     # on a spawning thread, read() never sees EINTR, and the stop is lost.
     stop_r, stop_w = os.pipe()
     os.set_blocking(stop_w, False)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    os.set_blocking(stop_r, False)
+    for signum in STOP_SIGNALS | IGNORED_SIGNALS:
         signal.signal(signum, lambda *_: None)
     signal.set_wakeup_fd(stop_w)
     try:
@@ -1913,17 +1997,19 @@ def serve(argv):
         print("rexec: cannot listen on %s port %s: %s"
               % (options.ip, options.port, getattr(exc, "strerror", None) or exc), file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
-    scheme = "https" if options.ssl_context else "http"
-    log_event(logging.INFO, "Serving on %s port %d" % (host, port), url="%s://%s:%d/"
-              % (scheme, "[%s]" % host if ":" in host else host, port))
+    where, url = server.describe_address()
+    log_event(logging.INFO, "Serving on %s" % where, url=url)
+    if isinstance(server.server_address, tuple):
+        host, reach = server.server_address[0], "port %d" % server.server_address[1]
+    else:
+        host, reach = UNIX_PEER, where
     if options.no_auth and not is_loopback(host):
-        log.warning("--no-auth: anyone who can reach port %d may run any command", port)
+        log.warning("--no-auth: anyone who can reach %s may run any command", reach)
     elif options.token is None and not is_loopback(host):
         log.info("protected mode: no token, so only loopback peers are served")
     server.serve_until(stop_r)
     log.info("stopping: ending %d process(es)", len(server.registry))
-    server.end_all_streams()
+    server.drain(stop_r)
     server.server_close()
     log.info("stopped")
     return 0
