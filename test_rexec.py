@@ -2714,6 +2714,182 @@ class InputHardeningTests(ServerTestCase):
         self.assertNotIn("DELETE", self.server.log())
 
 
+# --------------------------------------------------------------------------
+# Hardening (issue 15): processes that outlive what should end them
+# --------------------------------------------------------------------------
+
+def proc_cpu_seconds(pid):
+    """User plus system CPU seconds process `pid` has used (from /proc)."""
+    with open("/proc/%d/stat" % pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class EndingHardeningTests(ServerTestCase):
+    server_args = ("--grace", "0.5")
+
+    def stream(self, server, spec):
+        """POST spec on a new connection to `server`; the connection, once the
+        child's pid is listed, and the pid."""
+        conn = Conn(server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", spec)
+        self.assertEqual(conn.head()[0], 200)
+        pids = []
+
+        def listed():
+            with Conn(server) as other:
+                pids.extend(p["pid"] for p in other.request("GET", "/process").json()
+                            if p["alias"] == spec["alias"])
+            return pids
+        self.assertTrue(wait_for(listed))
+        return conn, pids[0]
+
+    def test_signals_that_would_kill_rexec_are_logged_and_ignored(self):
+        conn, pid = self.stream(self.server, {"alias": "sig", "cmd": "sh", "args": [
+            "-c", "echo ready; sleep 300"]})
+        rtmin = getattr(signal, "SIGRTMIN", None)
+        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+                       signal.SIGVTALRM, signal.SIGPROF) + ((rtmin + 1,) if rtmin else ()):
+            os.kill(self.server.proc.pid, signum)
+        if rtmin:
+            self.server.wait_log(r"signal-ignored signal=SIGRTMIN\+1 ")
+        for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF"):
+            self.server.wait_log(r"signal-ignored signal=%s " % name)
+        self.server.wait_log(r"INFO signal-ignored signal=SIGHUP why=\"no configuration to reload")
+        self.assertIsNone(self.server.proc.poll())
+        self.assertTrue(pid_alive(pid))
+        self.assertEqual(run(self.server, {"alias": "after", "cmd": "echo", "args": ["ok"]}).body,
+                         b"ok\n")
+        # SIGQUIT is a stop, as SIGTERM is: trailers, no orphan, exit 0.
+        os.kill(self.server.proc.pid, signal.SIGQUIT)
+        response = conn.rest()
+        self.assertEqual(response.body, b"ready\n")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-15", "Rexec-Reason": "shutdown"})
+        self.assertEqual(self.server.stop(), 0)
+        self.assertFalse(pid_alive(pid))
+
+    def test_a_client_that_floods_its_stream_ends_it(self):
+        # Past EARLY_LIMIT, bytes sent during a stream are no pipelined request:
+        # the stream ends (its group too) instead of no longer watching for EOF.
+        for extra in (0, 4096):
+            with self.subTest(extra=extra):
+                alias = "flood-%d" % extra
+                conn, pid = self.stream(self.server, {"alias": alias, "cmd": "sleep",
+                                                      "args": ["300"]})
+                conn.sock.sendall(b"x" * (rexec.EARLY_LIMIT + extra))
+                conn.close()
+                self.assertTrue(wait_for(lambda: not pid_alive(pid)), "the child outlived it")
+                self.server.wait_log(r"end alias=%s .*reason=disconnect" % alias)
+                self.server.wait_log(r"WARNING client-flood alias=%s bytes=%d"
+                                     % (alias, rexec.EARLY_LIMIT))
+                self.assertEqual(self.ps(), [])
+
+    def test_a_drain_stops_listening_and_a_second_stop_kills_at_once(self):
+        server = Server("--grace", "60")
+        self.addCleanup(server.stop)
+        conn, pid = self.stream(server, {"alias": "stubborn", "cmd": "sh", "args": [
+            "-c", "trap '' TERM; echo ready; sleep 300"]})
+        self.assertEqual(conn.file.read(11), b"6\r\nready\n\r\n")   # its trap is set
+        os.kill(server.proc.pid, signal.SIGTERM)
+        server.wait_log("stopping: ending 1 process")
+
+        def refused():
+            try:
+                server.connect(timeout=2).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+        self.assertTrue(wait_for(refused), "a new connection was accepted during the drain")
+        self.assertTrue(pid_alive(pid))   # the grace is 60 s ...
+        os.kill(server.proc.pid, signal.SIGTERM)   # ... but a second stop ends it now
+        server.wait_log("WARNING stop-now processes=1")
+        response = conn.rest()
+        self.assertEqual(response.body, b"")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "-9", "Rexec-Reason": "shutdown"})
+        self.assertEqual(server.stop(timeout=20), 0)
+        self.assertFalse(pid_alive(pid))
+
+    def test_a_paused_readers_stream_still_logs_its_end_at_a_stop(self):
+        server = Server("--grace", "0.2", prelude="rexec.WRITE_TIMEOUT = 3600")
+        self.addCleanup(server.stop)
+        sock = server.connect(timeout=20, rcvbuf=4096)
+        paused = Conn(server, sock=sock)
+        self.addCleanup(paused.close)
+        paused.send("POST", "/process", {"alias": "paused", "cmd": "yes"})
+        self.assertTrue(wait_for(lambda: b"y\ny\n" in peek_body(sock)))
+        self.assertEqual(server.stop(timeout=30), 0)
+        log = server.log()
+        self.assertRegex(log, r"end alias=paused .*reason=shutdown")
+        self.assertRegex(log, r"access peer=127.0.0.1 method=POST path=/process status=200 .*"
+                              r"alias=paused")
+
+    def test_socket_activation_with_a_unix_socket(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "rexec.sock")
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(16)
+        fd = listener.fileno()
+        script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$1" 3<&%d' % fd
+        proc = subprocess.Popen(["sh", "-c", script, sys.executable, REXEC], pass_fds=(fd,),
+                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        listener.close()
+        self.assertIn("Serving on Unix socket %s" % path,
+                      proc.stderr.readline().decode("utf-8", "replace"))
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.settimeout(20)
+        client.connect(path)
+        conn = Conn(None, sock=client)
+        self.addCleanup(conn.close)
+        # A peer on a Unix socket is on this host: protected mode serves it.
+        response = conn.request("POST", "/process", {"alias": "unix", "cmd": "echo",
+                                                     "args": ["over a Unix socket"]})
+        self.assertEqual(response.body, b"over a Unix socket\n")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"})
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(20), 0)
+        log = proc.stderr.read().decode("utf-8", "replace")
+        self.assertIn("access peer=unix method=POST path=/process status=200", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_out_of_descriptors_the_accept_loop_pauses_instead_of_spinning(self):
+        limit = 48
+        server = Server(prelude="import resource; resource.setrlimit("
+                                "resource.RLIMIT_NOFILE, (%d, %d))" % (limit, limit))
+        self.addCleanup(server.stop)
+        idle = []
+        self.addCleanup(lambda: [sock.close() for sock in idle])
+        for _ in range(limit + 16):   # each accepted one holds a descriptor there
+            idle.append(server.connect())
+        server.wait_log("WARNING accept-paused error=\"Too many open files\"")
+        before = proc_cpu_seconds(server.proc.pid)
+        time.sleep(1.0)
+        used = proc_cpu_seconds(server.proc.pid) - before
+        self.assertLess(used, 0.5, "the accept loop spins while out of descriptors")
+        self.assertEqual(server.log().count("accept-paused"), 1)   # said once, not each pause
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        self.assertEqual(run(server, {"alias": "again", "cmd": "echo", "args": ["ok"]}).body,
+                         b"ok\n")
+
+    def test_a_client_that_half_closes_is_gone_even_with_a_chatty_child(self):
+        # EOF on the connection is how a client says it left; one that only
+        # half-closes its side (nc -N, socat's default) cannot be told apart.
+        conn, pid = self.stream(self.server, {"alias": "half", "cmd": "sh", "args": [
+            "-c", "while :; do echo line; sleep 0.01; done"]})
+        conn.sock.shutdown(socket.SHUT_WR)
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)), "the child outlived its client")
+        self.server.wait_log(r"end alias=half .*reason=disconnect")
+
+
 # ==========================================================================
 # Benchmark (issue 6): python3 test_rexec.py bench [--quick] [--json FILE]
 #                                                    [--only PARTS]
