@@ -8,6 +8,7 @@ process groups are as in production) and logs to a pipe that the test reads.
 """
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -213,25 +214,10 @@ class Conn:
         headers = {"transfer-encoding": "chunked"} if headers is None else headers
         chunks, trailers = [], {}
         if headers.get("transfer-encoding") == "chunked":
-            while True:
-                size_line = self.file.readline()
-                raw += size_line
-                size = int(size_line, 16)
-                if size == 0:
-                    break
-                data = self.file.read(size)
-                crlf = self.file.read(2)
-                raw += data + crlf
-                assert crlf == b"\r\n", crlf
-                chunks.append(data)
-                if on_chunk:
-                    on_chunk(data)
-            while True:
-                line = self.file.readline()
-                raw += line
-                if line in (b"\r\n", b""):
-                    break
-                name, _, value = line.decode("latin-1").partition(":")
+            chunks, lines, framed = read_chunked(self.file, on_chunk)
+            raw += framed
+            for line in lines:
+                name, _, value = line.partition(":")
                 trailers[name.strip()] = value.strip()
             body = b"".join(chunks)
         elif "content-length" in headers:
@@ -247,19 +233,72 @@ class Conn:
         return self.response()
 
 
+CHUNK_SIZE_LINE = re.compile(rb"[0-9A-F]+\r\n\Z")
+
+
+def read_chunked(file, on_chunk=None):
+    """Strictly read a chunked body from a binary file, up to and including the
+    blank line after the trailers: (chunks, trailer lines, the bytes read).
+    Chunk sizes are upper-case hex, as rexec writes them; `on_chunk(data)` is
+    called as each chunk arrives."""
+    chunks, framed = [], []
+    while True:
+        line = file.readline()
+        framed.append(line)
+        assert CHUNK_SIZE_LINE.match(line), "bad chunk-size line %r" % line
+        size = int(line, 16)
+        if size == 0:
+            break
+        data = file.read(size)
+        crlf = file.read(2)
+        framed += [data, crlf]
+        assert len(data) == size and crlf == b"\r\n", "chunk not followed by CRLF"
+        chunks.append(data)
+        if on_chunk:
+            on_chunk(data)
+    trailers = []
+    while True:
+        line = file.readline()
+        framed.append(line)
+        assert line.endswith(b"\r\n"), "trailers cut off: %r" % line
+        if line == b"\r\n":
+            break
+        trailers.append(line[:-2].decode("latin-1"))
+    return chunks, trailers, b"".join(framed)
+
+
+def parse_chunked(raw):
+    """Strictly split a raw chunked body: (data, chunk sizes, trailers, leftover)."""
+    stream = io.BytesIO(raw)
+    chunks, trailers, _ = read_chunked(stream)
+    return b"".join(chunks), [len(chunk) for chunk in chunks], trailers, stream.read()
+
+
 def run(server, spec, **kw):
     """POST spec on a new connection and read the whole response."""
     with Conn(server) as conn:
         return conn.request("POST", "/process", spec, **kw)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name -- [0] the state,
+    [1] the parent's pid, [2] the process group -- or None once `pid` is gone."""
+    try:
+        with open("/proc/%s/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def all_pids():
+    """Every pid in /proc."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def pid_alive(pid):
     """True while `pid` exists and is not a zombie."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def wait_for(predicate, timeout=10, interval=0.02):
@@ -287,8 +326,7 @@ def written_when_stuck(pid):
     def state():
         with open("/proc/%d/io" % pid) as handle:
             written = int(re.search(r"wchar: (\d+)", handle.read()).group(1))
-        with open("/proc/%d/stat" % pid) as handle:
-            return written, handle.read().rsplit(")", 1)[1].split()[0]
+        return written, (proc_stat(pid) or [None])[0]
     samples = []
     if wait_for(lambda: samples.append(state()) or samples[-5:] == [samples[-1]] * 5
                 and samples[-1][1] == "S", timeout=20, interval=0.1):
@@ -299,14 +337,13 @@ def written_when_stuck(pid):
 def pids_running(word):
     """Pids whose command line has `word` as an argument (from /proc)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                    if word.encode() in handle.read().split(b"\0") and pid_alive(int(entry)):
-                        found.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+    for pid in all_pids():
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                if word.encode() in handle.read().split(b"\0") and pid_alive(pid):
+                    found.append(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
     return found
 
 
@@ -318,16 +355,14 @@ def kill_all(word):
 
 def children_of(pid):
     """Pids whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as handle:
-                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                pass
-    return found
+    return [child for child, stat in ((p, proc_stat(p)) for p in all_pids())
+            if stat is not None and int(stat[1]) == pid]
+
+
+def pids_in_group(pgid):
+    """Pids, zombies left out, in process group `pgid` (from /proc)."""
+    return [member for member, stat in ((p, proc_stat(p)) for p in all_pids())
+            if stat is not None and int(stat[2]) == pgid and stat[0] != "Z"]
 
 
 class ServerTestCase(unittest.TestCase):
@@ -340,9 +375,39 @@ class ServerTestCase(unittest.TestCase):
         self.server = Server(*self.server_args, env=self.server_env)
         self.addCleanup(self.server.stop)
 
+    @property
+    def tmp(self):
+        """A temporary directory of this test's, made on first use, removed after it."""
+        if getattr(self, "_tmp", None) is None:
+            self._tmp = tempfile.mkdtemp(prefix="rexec-test-")
+            self.addCleanup(shutil.rmtree, self._tmp, True)
+        return self._tmp
+
     def ps(self):
         with Conn(self.server) as conn:
             return conn.request("GET", "/process").json()
+
+    def start_stream(self, spec, server=None):
+        """POST spec (to self.server by default) and read the response head;
+        returns the open connection, closed after the test."""
+        conn = Conn(server or self.server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", spec)
+        self.assertEqual(conn.head()[0], 200)
+        return conn
+
+    def first_chunk(self, conn, expected):
+        """Read the stream's first chunk, `expected`: the child has run this far
+        (a `trap '' TERM` before it is in force)."""
+        size = int(conn.file.readline(), 16)
+        self.assertEqual(conn.file.read(size + 2), expected + b"\r\n")
+
+    def running_pid(self, alias):
+        """The pid of the child running as `alias`, once self.server lists it with one."""
+        found = []
+        self.assertTrue(wait_for(lambda: found.extend(p["pid"] for p in self.ps()
+                                                      if p["alias"] == alias and p["pid"]) or found))
+        return found[0]
 
 
 # --------------------------------------------------------------------------
@@ -366,22 +431,17 @@ class StreamTests(ServerTestCase):
 
     def test_binary_output_is_unchanged(self):
         data = bytes(range(256)) * 300 + b"\r\n0\r\n\r\n\x00"
-        path = os.path.join(self.enterContext_tmp(), "blob")
+        path = os.path.join(self.tmp, "blob")
         with open(path, "wb") as handle:
             handle.write(data)
         response = run(self.server, {"alias": "a", "cmd": "cat", "args": [path]})
         self.assertEqual(response.body, data)
         self.assertTrue(all(response.chunks), "an empty chunk before the end")
 
-    def enterContext_tmp(self):
-        directory = tempfile.mkdtemp(prefix="rexec-test-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        return directory
-
     def test_output_is_delivered_live(self):
         # The child waits for a file that the test creates only after it has
         # received the first line: only live delivery lets this finish.
-        flag = os.path.join(self.enterContext_tmp(), "go")
+        flag = os.path.join(self.tmp, "go")
         script = "echo first; while [ ! -e %s ]; do sleep 0.01; done; echo second" % flag
         seen = []
 
@@ -401,7 +461,7 @@ class StreamTests(ServerTestCase):
             self.assertEqual(response.trailers, {"Rexec-Exit-Code": code, "Rexec-Reason": "exit"})
 
     def test_args_cwd_and_envs(self):
-        directory = self.enterContext_tmp()
+        directory = self.tmp
         response = run(self.server, {"alias": "a", "cmd": "sh", "cwd": directory,
                                      "args": ["-c", 'pwd; echo "$REXEC_X $HOME"'],
                                      "envs": {"REXEC_X": "x y", "HOME": "/nowhere"}})
@@ -509,8 +569,7 @@ class RefusalTests(ServerTestCase):
         self.assertEqual(self.ps(), [])
 
     def test_processes_that_cannot_start_get_404_with_the_reason(self):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = self.tmp
         script = os.path.join(directory, "not-executable")
         open(script, "w").close()
         for spec, reason in (({"cmd": "no-such-command-xyz"}, "No such file or directory"),
@@ -619,39 +678,6 @@ class RefusalTests(ServerTestCase):
 class LifetimeTests(ServerTestCase):
     server_args = ("--grace", "0.5")
 
-    def start_stream(self, spec):
-        """POST spec and read the response head; returns the open connection."""
-        conn = Conn(self.server)
-        self.addCleanup(conn.close)
-        conn.send("POST", "/process", spec)
-        self.assertEqual(conn.head()[0], 200)
-        return conn
-
-    def first_chunk(self, conn, expected):
-        """Read the stream's first chunk, `expected`: the child has run this far
-        (a `trap '' TERM` before it is in force)."""
-        size = int(conn.file.readline(), 16)
-        self.assertEqual(conn.file.read(size + 2), expected + b"\r\n")
-
-    def pids_in_group(self, pgid):
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open("/proc/%s/stat" % entry) as handle:
-                        fields = handle.read().rsplit(")", 1)[1].split()
-                except (FileNotFoundError, ProcessLookupError):
-                    continue
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    found.append(int(entry))
-        return found
-
-    def running_pid(self, alias):
-        found = []
-        self.assertTrue(wait_for(lambda: found.extend(p["pid"] for p in self.ps() if p["alias"] == alias)
-                                 or found))
-        return found[0]
-
     def test_silent_child_dies_when_the_client_leaves(self):
         conn = self.start_stream({"alias": "s", "cmd": "sleep", "args": ["300"]})
         pid = self.running_pid("s")
@@ -700,16 +726,16 @@ class LifetimeTests(ServerTestCase):
         conn = self.start_stream({"alias": "t", "cmd": "sh", "args": [
             "-c", "sleep 300 & sh -c 'sleep 301 & wait' & echo started; wait"]})
         pgid = self.running_pid("t")
-        self.assertTrue(wait_for(lambda: len(self.pids_in_group(pgid)) >= 4))
+        self.assertTrue(wait_for(lambda: len(pids_in_group(pgid)) >= 4))
         conn.close()
-        self.assertTrue(wait_for(lambda: not self.pids_in_group(pgid)), self.pids_in_group(pgid))
+        self.assertTrue(wait_for(lambda: not pids_in_group(pgid)), pids_in_group(pgid))
 
     def test_term_ignoring_child_gets_killed_after_grace(self):
         conn = self.start_stream({"alias": "i", "cmd": "sh", "args": ["-c", "trap '' TERM; echo ready; sleep 300"]})
         self.first_chunk(conn, b"ready\n")
         pgid = self.running_pid("i")
         conn.close()
-        self.assertTrue(wait_for(lambda: not self.pids_in_group(pgid)))
+        self.assertTrue(wait_for(lambda: not pids_in_group(pgid)))
         self.server.wait_log(r"end alias=i .*exit=-9 reason=disconnect")
 
     def test_background_leftovers_are_killed_and_not_waited_for(self):
@@ -917,12 +943,8 @@ class LoggingTests(ServerTestCase):
 # Issue 4: timeout, stdin, stderr, tty, list and kill
 # --------------------------------------------------------------------------
 
-class ControlTests(LifetimeTests.__base__):
+class ControlTests(ServerTestCase):
     server_args = ("--grace", "0.5")
-
-    start_stream = LifetimeTests.start_stream
-    first_chunk = LifetimeTests.first_chunk
-    running_pid = LifetimeTests.running_pid
 
     def test_timeout_ends_the_group(self):
         response = run(self.server, {"alias": "t", "cmd": "sh", "args": ["-c", "echo a; sleep 300"], "timeout": 1.0})
@@ -998,8 +1020,7 @@ class ControlTests(LifetimeTests.__base__):
         self.assertEqual(response.body, b"o\ne\n")
 
     def test_tty_streams_a_line_buffered_program_live(self):
-        flag = os.path.join(tempfile.mkdtemp(), "go")
-        self.addCleanup(shutil.rmtree, os.path.dirname(flag))
+        flag = os.path.join(self.tmp, "go")
         code = ("import os, time\nprint('first')\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
                 "print('second')" % flag)
         seen = []
@@ -1450,8 +1471,7 @@ class SecurityTests(ServerTestCase):
         self.assertTrue(response.body.rstrip(b"'\n").endswith(b"/nonexistent-\\udcff"), response.body)
 
     def test_allowlist(self):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = self.tmp
         os.mkdir(os.path.join(directory, "bin"))
         for name in ("echo", "bin/tool"):   # an attacker's programs
             with open(os.path.join(directory, name), "w") as handle:
@@ -1482,10 +1502,7 @@ class SecurityTests(ServerTestCase):
     def test_max_procs_503_with_retry_after(self):
         server = Server("--max-procs", "1")
         self.addCleanup(server.stop)
-        first = Conn(server)
-        self.addCleanup(first.close)
-        first.send("POST", "/process", {"alias": "one", "cmd": "sleep", "args": ["300"]})
-        self.assertEqual(first.head()[0], 200)
+        first = self.start_stream({"alias": "one", "cmd": "sleep", "args": ["300"]}, server=server)
         response = run(server, {"alias": "two", "cmd": "true"})
         self.assertEqual((response.status, response.headers["retry-after"], response.body),
                          (503, "1", b"1 processes are running, the most allowed (--max-procs)\n"))
@@ -1525,8 +1542,7 @@ class SecurityTests(ServerTestCase):
         self.assertEqual(log.count("auth-failed"), 30)
 
     def test_token_file(self):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = self.tmp
         path = os.path.join(directory, "token")
         with open(path, "w") as handle:
             handle.write("  file-token-81  \nsecond-line\n")
@@ -1555,8 +1571,7 @@ class SecurityTests(ServerTestCase):
         self.assertNotIn("env-token", both.log())
 
     def test_bad_token_configurations_exit_2(self):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = self.tmp
         empty = os.path.join(directory, "empty")
         open(empty, "w").close()
         for args, env, message in (
@@ -2013,11 +2028,6 @@ class ClientTests(ServerTestCase):
     server_args = ("--grace", "0.5")
     server_env = {"CODE": "3"}
 
-    def tmpdir(self):
-        directory = tempfile.mkdtemp(prefix="rexec-test-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        return directory
-
     def client_env(self, env):
         full = dict(os.environ)
         for name in ("REXEC_TOKEN", "REXEC_URL"):
@@ -2044,12 +2054,6 @@ class ClientTests(ServerTestCase):
                                  proc.stdout.close(), proc.stderr.close()))
         return proc
 
-    def running_pid(self, alias):
-        found = []
-        self.assertTrue(wait_for(lambda: found.extend(p["pid"] for p in self.ps()
-                                                      if p["alias"] == alias and p["pid"]) or found))
-        return found[0]
-
     def assertOneLine(self, err, fragment):
         self.assertEqual(len(err.splitlines()), 1, err)
         self.assertIn(fragment, err)
@@ -2067,7 +2071,7 @@ class ClientTests(ServerTestCase):
         self.assertTrue(err.endswith(": No such file or directory: no-such-command-here\n"), err)
 
     def test_refusals_and_no_server_are_125(self):
-        LifetimeTests.start_stream(self, {"alias": "busy", "cmd": "sleep", "args": ["300"]})
+        self.start_stream({"alias": "busy", "cmd": "sleep", "args": ["300"]})
         status, out, err = self.run_here("true", options=["--alias", "busy"])
         self.assertEqual((status, out), (125, b""))
         self.assertOneLine(err, "409 alias 'busy' is already running")
@@ -2080,7 +2084,7 @@ class ClientTests(ServerTestCase):
 
     def test_binary_output_is_byte_exact(self):
         data = bytes(range(256)) * 4000 + b"\r\n0\r\n\r\n\x00no newline"
-        path = os.path.join(self.tmpdir(), "blob")
+        path = os.path.join(self.tmp, "blob")
         with open(path, "wb") as handle:
             handle.write(data)
         self.assertEqual(self.run_here("cat", path), (0, data, ""))
@@ -2094,7 +2098,7 @@ class ClientTests(ServerTestCase):
         self.assertEqual(self.run_here("cat", stdin=b"not sent"), (0, b"", ""))
 
     def test_env_cwd_stderr_tty_timeout(self):
-        directory = os.path.realpath(self.tmpdir())
+        directory = os.path.realpath(self.tmp)
         self.assertEqual(self.run_here("sh", "-c", 'echo "$A $B"; pwd', options=[
             "-e", "A=1", "-e", "B=x=y", "--cwd", directory]), (0, ("1 x=y\n%s\n" % directory).encode(), ""))
         both = ["sh", "-c", "echo out; echo err >&2"]
@@ -2203,14 +2207,14 @@ class ClientTests(ServerTestCase):
         self.assertOneLine(err, "401 this server wants an 'Authorization: Bearer <token>'")
         command = ["run", "--url", server.url, "--", "echo", "in"]
         self.assertEqual(self.client(*command, env={"REXEC_TOKEN": "s3cret"}), (0, b"in\n", ""))
-        token_file = os.path.join(self.tmpdir(), "token")
+        token_file = os.path.join(self.tmp, "token")
         with open(token_file, "w") as handle:
             handle.write("s3cret\n")
         self.assertEqual(self.client("ps", "--url", server.url, "--token-file", token_file)[0], 0)
 
     @unittest.skipIf(OPENSSL is None, "needs the openssl command")
     def test_https_and_mutual_tls(self):
-        pem = make_test_pki(self.tmpdir()).get
+        pem = make_test_pki(self.tmp).get
         # on every loopback address, so that one not in the certificate can be tried
         server = Server("--certfile", pem("server.pem"), "--keyfile", pem("server.key"),
                         "--client-ca", pem("ca.pem"), ip="0.0.0.0")
@@ -2241,7 +2245,7 @@ class ClientTests(ServerTestCase):
     def test_a_closed_stdout_or_stdin_is_a_usage_error(self):
         # With descriptor 1 closed the connection took it: the remote output went
         # into the connection, where the server read it as a request and ran it.
-        marker = os.path.join(self.tmpdir(), "injected")
+        marker = os.path.join(self.tmp, "injected")
         body = json.dumps({"alias": "inj", "cmd": "touch", "args": [marker]})
         payload = ("POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
                    % (len(body), body))
@@ -2284,7 +2288,7 @@ class ClientTests(ServerTestCase):
         self.assertEqual((kill.returncode, kill.stderr), (0, b""))
 
     def test_bad_arguments_exit_2_with_one_line(self):
-        empty = os.path.join(self.tmpdir(), "empty-token")
+        empty = os.path.join(self.tmp, "empty-token")
         open(empty, "w").close()
         for args in (["run"], ["run", "--url", "ftp://x", "--", "true"], ["run", "-e", "NOEQ", "--", "true"],
                      ["run", "--timeout", "soon", "true"], ["run", "--stderr", "inherit", "true"],
@@ -2352,26 +2356,6 @@ def read_to_eof(sock):
         if not data:
             return b"".join(parts)
         parts.append(data)
-
-
-def parse_chunked(raw):
-    """Strictly split a raw chunked body: (data, chunk sizes, trailers, leftover)."""
-    data, sizes, pos = [], [], 0
-    while True:
-        end = raw.index(b"\r\n", pos)
-        line = raw[pos:end]
-        assert re.match(rb"^[0-9A-F]+$", line), "bad chunk-size line %r" % line
-        size = int(line, 16)
-        pos = end + 2
-        if size == 0:
-            break
-        assert raw[pos + size:pos + size + 2] == b"\r\n", "chunk not followed by CRLF"
-        data.append(raw[pos:pos + size])
-        sizes.append(size)
-        pos += size + 2
-    end = raw.index(b"\r\n\r\n", pos - 2)
-    trailers = raw[pos:end + 2].decode("ascii").splitlines()
-    return b"".join(data), sizes, trailers, raw[end + 4:]
 
 
 class FastPathTests(unittest.TestCase):
