@@ -453,8 +453,8 @@ class ServerTestCase(unittest.TestCase):
             self.addCleanup(shutil.rmtree, self._tmp, True)
         return self._tmp
 
-    def ps(self):
-        with Conn(self.server) as conn:
+    def ps(self, server=None):
+        with Conn(server or self.server) as conn:
             return conn.request("GET", "/process").json()
 
     def start_stream(self, spec, server=None):
@@ -472,11 +472,12 @@ class ServerTestCase(unittest.TestCase):
         size = int(conn.file.readline(), 16)
         self.assertEqual(conn.file.read(size + 2), expected + b"\r\n")
 
-    def running_pid(self, alias):
-        """The pid of the child running as `alias`, once self.server lists it with one."""
+    def running_pid(self, alias, server=None):
+        """The pid of the child running as `alias`, once the server (self.server
+        by default) lists it with one."""
         found = []
         self.assertTrue(wait_for(lambda: found.extend(
-            p["pid"] for p in self.ps() if p["alias"] == alias and p["pid"]) or found))
+            p["pid"] for p in self.ps(server) if p["alias"] == alias and p["pid"]) or found))
         return found[0]
 
 
@@ -581,7 +582,8 @@ class ProtocolTests(ServerTestCase):
         self.addCleanup(conn.close)
         conn.send("POST", "/process", {"alias": "w", "cmd": "sh", "args": [
             "-c", "sleep 0.3; head -c 3000000 /dev/zero"]}, version="HTTP/1.0")
-        conn.sock.sendall(b"GET /health HTTP/1.1\r\n\r\n" * 5000)   # past EARLY_LIMIT
+        # Just short of EARLY_LIMIT (past it, the client floods and the stream ends).
+        conn.sock.sendall(b"GET /health HTTP/1.1\r\n\r\n" * (rexec.EARLY_LIMIT // 24 - 1))
         time.sleep(1)
         self.assertEqual(conn.head()[0], 200)
         self.assertEqual(len(conn.file.read()), 3000000)
@@ -2844,25 +2846,13 @@ def proc_cpu_seconds(pid):
 class EndingHardeningTests(ServerTestCase):
     server_args = ("--grace", "0.5")
 
-    def stream(self, server, spec):
-        """POST spec on a new connection to `server`; the connection, once the
-        child's pid is listed, and the pid."""
-        conn = Conn(server)
-        self.addCleanup(conn.close)
-        conn.send("POST", "/process", spec)
-        self.assertEqual(conn.head()[0], 200)
-        pids = []
-
-        def listed():
-            with Conn(server) as other:
-                pids.extend(p["pid"] for p in other.request("GET", "/process").json()
-                            if p["alias"] == spec["alias"])
-            return pids
-        self.assertTrue(wait_for(listed))
-        return conn, pids[0]
+    def stream(self, spec, server=None):
+        """The connection that started `spec`, and the child's pid."""
+        conn = self.start_stream(spec, server)
+        return conn, self.running_pid(spec["alias"], server)
 
     def test_signals_that_would_kill_rexec_are_logged_and_ignored(self):
-        conn, pid = self.stream(self.server, {"alias": "sig", "cmd": "sh", "args": [
+        conn, pid = self.stream({"alias": "sig", "cmd": "sh", "args": [
             "-c", "echo ready; sleep 300"]})
         rtmin = getattr(signal, "SIGRTMIN", None)
         for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
@@ -2891,7 +2881,7 @@ class EndingHardeningTests(ServerTestCase):
         for extra in (0, 4096):
             with self.subTest(extra=extra):
                 alias = "flood-%d" % extra
-                conn, pid = self.stream(self.server, {"alias": alias, "cmd": "sleep",
+                conn, pid = self.stream({"alias": alias, "cmd": "sleep",
                                                       "args": ["300"]})
                 conn.sock.sendall(b"x" * (rexec.EARLY_LIMIT + extra))
                 conn.close()
@@ -2904,8 +2894,8 @@ class EndingHardeningTests(ServerTestCase):
     def test_a_drain_stops_listening_and_a_second_stop_kills_at_once(self):
         server = Server("--grace", "60")
         self.addCleanup(server.stop)
-        conn, pid = self.stream(server, {"alias": "stubborn", "cmd": "sh", "args": [
-            "-c", "trap '' TERM; echo ready; sleep 300"]})
+        conn, pid = self.stream({"alias": "stubborn", "cmd": "sh", "args": [
+            "-c", "trap '' TERM; echo ready; sleep 300"]}, server)
         self.assertEqual(conn.file.read(11), b"6\r\nready\n\r\n")   # its trap is set
         os.kill(server.proc.pid, signal.SIGTERM)
         server.wait_log("stopping: ending 1 process")
@@ -2941,9 +2931,7 @@ class EndingHardeningTests(ServerTestCase):
                               r"alias=paused")
 
     def test_socket_activation_with_a_unix_socket(self):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
-        path = os.path.join(directory, "rexec.sock")
+        path = os.path.join(self.tmp, "rexec.sock")
         listener = socket.socket(socket.AF_UNIX)
         self.addCleanup(listener.close)
         listener.bind(path)
@@ -2999,7 +2987,7 @@ class EndingHardeningTests(ServerTestCase):
     def test_a_client_that_half_closes_is_gone_even_with_a_chatty_child(self):
         # EOF on the connection is how a client says it left; one that only
         # half-closes its side (nc -N, socat's default) cannot be told apart.
-        conn, pid = self.stream(self.server, {"alias": "half", "cmd": "sh", "args": [
+        conn, pid = self.stream({"alias": "half", "cmd": "sh", "args": [
             "-c", "while :; do echo line; sleep 0.01; done"]})
         conn.sock.shutdown(socket.SHUT_WR)
         self.assertTrue(wait_for(lambda: not pid_alive(pid)), "the child outlived its client")
