@@ -472,8 +472,9 @@ class Process:
                 "cwd": spec.cwd, "started": self.started, "timeout": spec.timeout,
                 "tty": spec.tty}
 
-    def start(self):
-        """Start the child; raises OSError when it cannot start."""
+    def start(self, executable=None):
+        """Start the child; raises OSError when it cannot start.  `executable` is
+        the file to run (argv[0] stays spec.cmd); None lets Popen look spec.cmd up."""
         spec = self.spec
         env = dict(os.environ, **spec.envs) if spec.envs else None   # None: no copying
         stdin = subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE
@@ -488,15 +489,16 @@ class Process:
                 stderr = subprocess.DEVNULL if spec.stderr == "discard" else slave
                 try:
                     self.popen = subprocess.Popen(
-                        [spec.cmd] + spec.args, cwd=spec.cwd, env=env, stdin=stdin,
-                        stdout=slave, stderr=stderr, close_fds=True, start_new_session=True)
+                        [spec.cmd] + spec.args, executable=executable, cwd=spec.cwd, env=env,
+                        stdin=stdin, stdout=slave, stderr=stderr, close_fds=True,
+                        start_new_session=True)
                 finally:
                     os.close(slave)
             else:
                 self.popen = subprocess.Popen(
-                    [spec.cmd] + spec.args, cwd=spec.cwd, env=env, stdin=stdin,
-                    stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr], bufsize=0,
-                    close_fds=True, start_new_session=True)
+                    [spec.cmd] + spec.args, executable=executable, cwd=spec.cwd, env=env,
+                    stdin=stdin, stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr],
+                    bufsize=0, close_fds=True, start_new_session=True)
                 self.output_fd = self.popen.stdout.fileno()
         except BaseException:
             self.close()
@@ -1288,8 +1290,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             if spec.cmd not in server.allow:
                 raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (--allow)"
                               % spec.cmd)
-            # A bare name is looked up in the child's PATH, "bin/x" in its cwd: with an
-            # allowlist the client must choose neither, or "ls" could be its own binary.
+            # The file that runs is found in rexec's own PATH and cwd (resolve_allowed());
+            # a request's own PATH or cwd would point at another one, so neither is taken.
             if ("/" not in spec.cmd and "PATH" in spec.envs
                     or "/" in spec.cmd and not os.path.isabs(spec.cmd) and spec.cwd != "."):
                 raise Refused(HTTPStatus.FORBIDDEN, "with --allow, cmd %r cannot come with its "
@@ -1310,7 +1312,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         """Start the claimed proc, or free its alias and refuse with 404."""
         server, spec = self.server, proc.spec
         try:
-            proc.start()
+            proc.start(resolve_allowed(spec.cmd) if server.allow is not None else None)
         except BaseException as exc:
             self._release(proc)   # a DELETE that came between claim and start waits on it
             if not isinstance(exc, OSError):
@@ -1451,6 +1453,23 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                   path=self.path.partition("?")[0] if self.command else "-", status=status,
                   bytes=self.sent, duration="%.3fs" % (time.monotonic() - self.begun),
                   alias=self.alias or "-")
+
+
+def resolve_allowed(cmd):
+    """The absolute path `cmd` runs as under --allow, or FileNotFoundError.
+
+    A bare name is looked up in rexec's own PATH, skipping relative entries
+    ("." or "bin"): exec would resolve those after the child's chdir to the
+    request's cwd, where a client may have planted its own "ls".  A relative
+    path is taken against rexec's cwd (the request's cwd is "." for it).
+    """
+    if "/" in cmd:
+        return os.path.join(os.getcwd(), cmd)
+    for entry in os.get_exec_path():
+        candidate = os.path.join(entry, cmd)
+        if os.path.isabs(entry) and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd)
 
 
 def os_reason(exc):

@@ -2597,6 +2597,22 @@ class StartupHardeningTests(unittest.TestCase):
                 self.assertEqual(self.start_up(*args), (2, b"", "rexec: cannot read %s %r: %s\n"
                                                         % (what, path, reason)))
 
+    def test_allow_runs_what_rexec_looked_up_in_its_absolute_path_entries(self):
+        for name in ("ls", "tool"):   # planted where a relative PATH entry finds them
+            os.chmod(self.write(name, b"#!/bin/sh\necho pwned\n"), 0o755)
+        server = Server("--allow", "ls", "--allow", "tool", "--allow", "sh",
+                        env={"PATH": ".:bin:/usr/bin:/bin"})
+        self.addCleanup(server.stop)
+        response = run(server, {"alias": "ls", "cmd": "ls", "cwd": self.directory})
+        self.assertEqual((response.status, response.body), (200, b"fifo\nls\ntool\n"))
+        response = run(server, {"alias": "tool", "cmd": "tool", "cwd": self.directory})
+        self.assertEqual((response.status, response.body),
+                         (404, b"cannot start 'tool': No such file or directory: tool\n"))
+        # argv[0] is the cmd as sent, not the path it was found at.
+        response = run(server, {"alias": "sh", "cmd": "sh", "args": ["-c", "echo $0"]})
+        self.assertEqual(response.body, b"sh\n")
+        self.assertNotIn("pwned", server.log())
+
 
 # ==========================================================================
 # Benchmark (issue 6): python3 test_rexec.py bench [--quick] [--json FILE]
