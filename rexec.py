@@ -61,6 +61,7 @@ import shlex
 import signal
 import socket
 import socketserver
+import stat
 import subprocess
 import sys
 import termios
@@ -804,8 +805,9 @@ class Process:
                 "cwd": spec.cwd, "started": self.started, "timeout": spec.timeout,
                 "tty": spec.tty}
 
-    def start(self):
-        """Start the child; raises OSError when it cannot start."""
+    def start(self, executable=None):
+        """Start the child; raises OSError when it cannot start.  `executable` is
+        the file to run (argv[0] stays spec.cmd); None lets Popen look spec.cmd up."""
         spec = self.spec
         env = dict(os.environ, **spec.envs) if spec.envs else None   # None: no copying
         stdin = subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE
@@ -816,15 +818,16 @@ class Process:
                 stderr = subprocess.DEVNULL if spec.stderr == "discard" else slave
                 try:
                     self.popen = subprocess.Popen(
-                        [spec.cmd] + spec.args, cwd=spec.cwd, env=env, stdin=stdin,
-                        stdout=slave, stderr=stderr, close_fds=True, start_new_session=True)
+                        [spec.cmd] + spec.args, executable=executable, cwd=spec.cwd, env=env,
+                        stdin=stdin, stdout=slave, stderr=stderr, close_fds=True,
+                        start_new_session=True)
                 finally:
                     os.close(slave)
             else:
                 self.popen = subprocess.Popen(
-                    [spec.cmd] + spec.args, cwd=spec.cwd, env=env, stdin=stdin,
-                    stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr], bufsize=0,
-                    close_fds=True, start_new_session=True)
+                    [spec.cmd] + spec.args, executable=executable, cwd=spec.cwd, env=env,
+                    stdin=stdin, stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr],
+                    bufsize=0, close_fds=True, start_new_session=True)
                 self.output_fd = self.popen.stdout.fileno()
             os.set_blocking(self.output_fd, False)
             self.ending.begin(self.popen)
@@ -1458,8 +1461,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             if spec.cmd not in server.allow:
                 raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (--allow)"
                               % spec.cmd)
-            # A bare name is looked up in the child's PATH, "bin/x" in its cwd: with an
-            # allowlist the client must choose neither, or "ls" could be its own binary.
+            # The file that runs is found in rexec's own PATH and cwd (resolve_allowed());
+            # a request's own PATH or cwd would point at another one, so neither is taken.
             if ("/" not in spec.cmd and "PATH" in spec.envs
                     or "/" in spec.cmd and not os.path.isabs(spec.cmd) and spec.cwd != "."):
                 raise Refused(HTTPStatus.FORBIDDEN, "with --allow, cmd %r cannot come with its "
@@ -1480,7 +1483,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         """Start the claimed proc, or free its alias and refuse with 404."""
         server, spec = self.server, proc.spec
         try:
-            proc.start()
+            proc.start(resolve_allowed(spec.cmd) if server.allow is not None else None)
         except BaseException as exc:
             proc.ending.abandon()   # a DELETE that came between claim and start waits on it
             if not isinstance(exc, OSError):
@@ -1618,6 +1621,23 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                   path=self.path.partition("?")[0] if self.command else "-", status=status,
                   bytes=self.sent, duration="%.3fs" % (time.monotonic() - self.begun),
                   alias=self.alias or "-")
+
+
+def resolve_allowed(cmd):
+    """The absolute path `cmd` runs as under --allow, or FileNotFoundError.
+
+    A bare name is looked up in rexec's own PATH, skipping relative entries
+    ("." or "bin"): exec would resolve those after the child's chdir to the
+    request's cwd, where a client may have planted its own "ls".  A relative
+    path is taken against rexec's cwd (the request's cwd is "." for it).
+    """
+    if "/" in cmd:
+        return os.path.join(os.getcwd(), cmd)
+    for entry in os.get_exec_path():
+        candidate = os.path.join(entry, cmd)
+        if os.path.isabs(entry) and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd)
 
 
 def os_reason(exc):
@@ -1917,17 +1937,72 @@ class ConfigError(Exception):
     """A setting rexec cannot start with; main() prints it as one line."""
 
 
+MAX_TOKEN_FILE = 64 * 1024   # a token file is one short line: anything bigger is the wrong file
+MAX_PEM_FILE = 1 << 20       # a certificate chain, key or CA bundle (the system one is ~220 KB)
+
+
+class UnusableFile(Exception):
+    """A file named on the command line that rexec will not read; the message is
+    one line naming the option and the file."""
+
+
+def open_regular_file(path, what, limit):
+    """A descriptor to read `path` (given as option `what`) once it is known to
+    be a regular file of at most `limit` bytes; raises UnusableFile otherwise.
+
+    O_NONBLOCK: a FIFO would block open() until some writer came; on a regular
+    file the flag changes nothing.  Devices (/dev/zero) never end: refused too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UnusableFile("%s %r: %s" % (what, path, exc.strerror))
+    info = os.fstat(fd)
+    problem = ("not a regular file" if not stat.S_ISREG(info.st_mode) else
+               "larger than %d bytes" % limit if info.st_size > limit else None)
+    if problem:
+        os.close(fd)
+        raise UnusableFile("%s %r: %s" % (what, path, problem))
+    return fd
+
+
+def read_secret_file(path, what):
+    """The first line of token file `path` (option `what`), stripped; raises
+    UnusableFile.  The line ends at "\n" or "\r", as text-mode readline() ends it."""
+    with open(open_regular_file(path, what, MAX_TOKEN_FILE), "rb") as handle:
+        try:
+            data = handle.read(MAX_TOKEN_FILE + 1)   # it may have grown since the fstat
+        except OSError as exc:
+            raise UnusableFile("%s %r: %s" % (what, path, exc.strerror))
+    if len(data) > MAX_TOKEN_FILE:
+        raise UnusableFile("%s %r: larger than %d bytes" % (what, path, MAX_TOKEN_FILE))
+    try:
+        return data.splitlines()[0].decode("utf-8").strip() if data else ""
+    except UnicodeDecodeError:
+        raise UnusableFile("%s %r: its first line is not UTF-8 text" % (what, path))
+
+
+def check_pem_files(*named):
+    """Raise UnusableFile unless each (option, path) with a path names a regular
+    file of at most MAX_PEM_FILE bytes.  ssl opens the paths again itself: one
+    swapped in between is let through, as if it had been named in the first place."""
+    for what, path in named:
+        if path:
+            os.close(open_regular_file(path, what, MAX_PEM_FILE))
+
+
 def load_token(options):
     """The bearer token as bytes, from --token-file or REXEC_TOKEN; None if neither.
     REXEC_TOKEN leaves the environment either way, or every child would inherit it."""
     env_token = os.environ.pop("REXEC_TOKEN", None)
     if options.token_file:
         try:
-            with open(options.token_file, encoding="utf-8") as handle:
-                token = handle.readline().strip()
+            token = read_secret_file(options.token_file, "--token-file")
             mode = os.stat(options.token_file).st_mode
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("cannot read --token-file: %s" % exc)
+        except UnusableFile as exc:
+            raise ConfigError("cannot read %s" % exc)
+        except OSError as exc:   # it went away just now
+            raise ConfigError("cannot read --token-file %r: %s"
+                              % (options.token_file, exc.strerror))
         if mode & 0o077:
             log.warning("%s is readable by group or others; chmod 600 it", options.token_file)
         source = "--token-file"
@@ -1954,6 +2029,11 @@ def load_ssl_context(options):
         return None
     if ssl is None:
         raise ConfigError("this Python has no ssl module")
+    try:
+        check_pem_files(("--certfile", options.certfile), ("--keyfile", options.keyfile),
+                        ("--client-ca", options.client_ca))
+    except UnusableFile as exc:
+        raise ConfigError("cannot read %s" % exc)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if hasattr(ssl, "TLSVersion"):   # 3.7+; the OP_NO_* flags are deprecated since 3.10
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -2404,10 +2484,9 @@ def client_options(argv):
 def client_token(options):
     if options.token_file:
         try:
-            with open(options.token_file, encoding="utf-8") as handle:
-                token = handle.readline().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ClientError(EXIT_USAGE, "cannot read --token-file: %s" % describe_error(exc))
+            token = read_secret_file(options.token_file, "--token-file")
+        except UnusableFile as exc:
+            raise ClientError(EXIT_USAGE, "cannot read %s" % exc)
         if not token:   # as the server refuses it: a wrong path, not "no token"
             raise ClientError(EXIT_USAGE, "--token-file %s has no token" % options.token_file)
     else:
@@ -2422,6 +2501,11 @@ def client_token(options):
 def client_ssl_context(options):
     if options.key and not options.cert:
         raise ClientError(EXIT_USAGE, "--key needs --cert")
+    try:
+        check_pem_files(("--cacert", options.cacert), ("--cert", options.cert),
+                        ("--key", options.key))
+    except UnusableFile as exc:
+        raise ClientError(EXIT_USAGE, "cannot read %s" % exc)
     try:
         context = ssl.create_default_context(cafile=options.cacert)
         if options.cert:

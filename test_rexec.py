@@ -2994,6 +2994,97 @@ class EndingHardeningTests(ServerTestCase):
         self.server.wait_log(r"end alias=half .*reason=disconnect")
 
 
+# --------------------------------------------------------------------------
+# Hardening (issue 15): files at start-up and what --allow runs
+# --------------------------------------------------------------------------
+
+class StartupHardeningTests(unittest.TestCase):
+    """Files named on the command line are read only when they are small regular
+    files; with --allow, the program that runs is the one rexec looked up."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="rexec-test-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.fifo = os.path.join(self.directory, "fifo")
+        os.mkfifo(self.fifo)
+
+    def write(self, name, data):
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return path
+
+    def start_up(self, *args):
+        """rexec.py `args` to its end: (status, stdout, stderr text).  Under a
+        1 GiB address-space limit, so that a file read without a bound fails fast."""
+        env = dict(os.environ)
+        for name in ("REXEC_TOKEN", "REXEC_URL"):
+            env.pop(name, None)
+        result = subprocess.run(["sh", "-c", 'ulimit -v 1048576; exec "$@"', "sh", sys.executable,
+                                 REXEC] + list(args), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=10)
+        return result.returncode, result.stdout, result.stderr.decode("utf-8", "replace")
+
+    def test_token_file_must_be_a_small_regular_file(self):
+        big = self.write("big", b"t" * (64 * 1024 + 1))   # one line, one byte over the bound
+        for path, reason in ((self.fifo, "not a regular file"),
+                             ("/dev/zero", "not a regular file"),
+                             (self.directory, "not a regular file"),
+                             (big, "larger than 65536 bytes"),
+                             (os.path.join(self.directory, "none"), "No such file or directory")):
+            line = "rexec: cannot read --token-file %r: %s\n" % (path, reason)
+            with self.subTest(path=path):   # the server and the client say the same
+                self.assertEqual(self.start_up("-i", "127.0.0.1", "-p", "0", "--token-file", path),
+                                 (2, b"", line))
+                self.assertEqual(self.start_up("ps", "--url", "http://127.0.0.1:1",
+                                               "--token-file", path), (2, b"", line))
+        # At the bound it is taken, and only its first line is the token.
+        exact = self.write("exact", b"tok-15\r\n".ljust(64 * 1024, b"#"))
+        server = Server("--token-file", exact)
+        self.addCleanup(server.stop)
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/process", headers={
+                "Authorization": "Bearer tok-15"}).status, 200)
+
+    @unittest.skipIf(rexec.ssl is None, "needs the ssl module")
+    def test_tls_files_must_be_small_regular_files(self):
+        pem = self.write("not-really.pem", b"-----BEGIN CERTIFICATE-----\n")   # never loaded
+        big = self.write("big.pem", b"#" * ((1 << 20) + 1))
+        server = ["-i", "127.0.0.1", "-p", "0"]
+        client = ["ps", "--url", "https://127.0.0.1:1"]
+        for args, what, path, reason in (
+                (server + ["--certfile", self.fifo], "--certfile", self.fifo, "not a regular file"),
+                (server + ["--certfile", big], "--certfile", big, "larger than 1048576 bytes"),
+                (server + ["--certfile", pem, "--keyfile", self.fifo], "--keyfile", self.fifo,
+                 "not a regular file"),
+                (server + ["--certfile", pem, "--client-ca", "/dev/zero"], "--client-ca",
+                 "/dev/zero", "not a regular file"),
+                (client + ["--cacert", self.fifo], "--cacert", self.fifo, "not a regular file"),
+                (client + ["--cacert", big], "--cacert", big, "larger than 1048576 bytes"),
+                (client + ["--cert", "/dev/zero"], "--cert", "/dev/zero", "not a regular file"),
+                (client + ["--cert", pem, "--key", self.fifo], "--key", self.fifo,
+                 "not a regular file")):
+            with self.subTest(args=args):
+                self.assertEqual(self.start_up(*args), (2, b"", "rexec: cannot read %s %r: %s\n"
+                                                        % (what, path, reason)))
+
+    def test_allow_runs_what_rexec_looked_up_in_its_absolute_path_entries(self):
+        for name in ("ls", "tool"):   # planted where a relative PATH entry finds them
+            os.chmod(self.write(name, b"#!/bin/sh\necho pwned\n"), 0o755)
+        server = Server("--allow", "ls", "--allow", "tool", "--allow", "sh",
+                        env={"PATH": ".:bin:/usr/bin:/bin"})
+        self.addCleanup(server.stop)
+        response = run(server, {"alias": "ls", "cmd": "ls", "cwd": self.directory})
+        self.assertEqual((response.status, response.body), (200, b"fifo\nls\ntool\n"))
+        response = run(server, {"alias": "tool", "cmd": "tool", "cwd": self.directory})
+        self.assertEqual((response.status, response.body),
+                         (404, b"cannot start 'tool': No such file or directory: tool\n"))
+        # argv[0] is the cmd as sent, not the path it was found at.
+        response = run(server, {"alias": "sh", "cmd": "sh", "args": ["-c", "echo $0"]})
+        self.assertEqual(response.body, b"sh\n")
+        self.assertNotIn("pwned", server.log())
+
+
 # ==========================================================================
 # Benchmark (issue 6): python3 test_rexec.py bench [--quick] [--json FILE]
 #                                                    [--only PARTS]
