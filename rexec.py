@@ -96,6 +96,12 @@ HANGUP_CHECK = 0.05          # seconds between looks for a dead child's pipe los
                              # writer while a slow client has yet to take what is in it
 HANDSHAKE_TIMEOUT = 10.0     # seconds for a TLS handshake, on the connection's own thread
 EARLY_LIMIT = 64 * 1024      # bytes of a client's next request held while its stream runs
+MAX_HEAD = 64 * 1024         # request line and header lines, empty line included: more is 431
+MAX_REQUEST_LINE = 64 * 1024   # a longer one is 414, as in http.server
+MAX_HEADER_LINES = 100       # the empty line included, as http.client counts: more is 431
+MAX_EMPTY_LINES = 4          # CRLFs skipped before a request line (RFC 9112 2.2): more is 400
+LOGGED_PATH = 200            # characters of a path an access line keeps: no log line may
+                             # outgrow its request, an unauthorized one least of all
 LINGER_TIME = 1.0            # seconds spent discarding an unread body before closing
 THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in little memory
 LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
@@ -136,6 +142,9 @@ MAX_NUMBER = 40              # characters of a JSON number literal: int() of a l
                              # take seconds under the GIL (3.11+ refuses them itself, 3.6 not)
 MAX_SELECT = 86400.0         # selectors overflow on huge timeouts; waking daily costs nothing
 CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")   # ASCII only: int() also takes "+5", "1_0", "٥"
+HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
+HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs but HTAB (RFC 9110 5.5)
+LINE_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")   # in a request line, HTAB too (RFC 9112 3)
 SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 CAN_SPLICE = hasattr(os, "splice")
@@ -1154,6 +1163,13 @@ class Event:
         return " ".join([self.event] + pairs)
 
 
+def logged_path(path):
+    """A request's path as logged: without its query, which may hold secrets, and
+    cut to its first LOGGED_PATH characters, then "..."."""
+    path = path.partition("?")[0]
+    return path if len(path) <= LOGGED_PATH else path[:LOGGED_PATH] + "..."
+
+
 def log_event(level, event, **fields):
     """One log line: 'event k=v ...' as text, or the fields as a JSON object."""
     log.log(level, Event(event, fields))
@@ -1303,6 +1319,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                     break
 
     def handle_one_request(self):
+        """Read one request's head and serve it: the standard library's loop body,
+        with the head read and checked here (see parse_request)."""
         self.reader.deadline = time.monotonic() + REQUEST_TIMEOUT
         self.status = None
         self.unread_body = False
@@ -1310,30 +1328,161 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.alias = None
         self.begun = time.monotonic()
         self.command = self.requestline = ""
-        super().handle_one_request()
+        self.request_version = self.default_request_version
+        try:
+            if self._read_request_line() and self.parse_request():
+                method = getattr(self, "do_" + self.command, None)
+                if method is None:
+                    self.send_error(HTTPStatus.NOT_IMPLEMENTED,
+                                    "Unsupported method (%r)" % self.command)
+                else:
+                    method()
+                    self.wfile.flush()
+        except socket.timeout as exc:   # the head or body did not arrive in time
+            self.log_error("Request timed out: %r", exc)
+            self.close_connection = True
         if self.status is not None:
             self._log_access()
         if self.unread_body:
             self.close_connection = True
+        elif self.close_connection and self._bytes_waiting():
+            self.unread_body = True   # a pipelined request: closing would reset the answer
+
+    def _bytes_waiting(self):
+        """True when the kernel holds bytes the client sent that were not read."""
+        try:
+            return fionread(self.connection.fileno()) > 0   # FIONREAD works on sockets too
+        except (OSError, ValueError):
+            return False
+
+    def _read_request_line(self):
+        """Read the request line into raw_requestline, past up to MAX_EMPTY_LINES
+        empty lines (RFC 9112 2.2: old clients send a CRLF after a body).  False
+        when the connection ended, or the line was refused (400, 414)."""
+        for _ in range(MAX_EMPTY_LINES + 1):
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if line != b"\r\n":
+                break
+        else:
+            self.send_error(HTTPStatus.BAD_REQUEST, "more than %d empty lines before the request "
+                            "line" % MAX_EMPTY_LINES)
+            return False
+        self.raw_requestline = line
+        if not line:
+            self.close_connection = True
+            return False
+        if len(line) > MAX_REQUEST_LINE:
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            return False
+        problem = self._line_problem(line, LINE_CONTROL)
+        if problem:
+            self.send_error(HTTPStatus.BAD_REQUEST, problem)
+            return False
+        return True
+
+    @staticmethod
+    def _line_problem(line, control):
+        """Why one line of a request head, as read, cannot be taken; None if it can.
+        A proxy in front may split lines at a bare LF or CR, or cut at a NUL,
+        where rexec does not: its request would not be rexec's (smuggling)."""
+        if not line.endswith(b"\n"):
+            return "the request head ended before its empty line"
+        if not line.endswith(b"\r\n"):
+            return "the request head's lines must end with CRLF, not a bare LF"
+        if control.search(line, 0, len(line) - 2):
+            return ("control characters (such as NUL or a lone CR) are not accepted in the "
+                    "request head")
+        return None
 
     def parse_request(self):
-        """The standard parser, minus HTTP/0.9 ("GET /"): it has no status line to refuse with."""
-        if len(self.raw_requestline.split()) == 2:
-            self.request_version = "HTTP/1.0"
+        """Parse raw_requestline, then read the header lines: set command, path,
+        request_version and headers (the standard library's HTTPMessage), or
+        answer with an error and return False.  The standard parser's contract,
+        with one behaviour on every Python: HTTP/0.9 is refused (it has no status
+        line to refuse with), the path is taken as sent (3.11+ make "//x" "/x"),
+        and a head a proxy could read differently gets 400 (_line_problem)."""
+        self.command = None
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) >= 3:
+            match = HTTP_VERSION.fullmatch(words[-1])
+            if match is None:
+                self.send_error(HTTPStatus.BAD_REQUEST, "Bad request version (%r)" % words[-1])
+                return False
+            version = int(match.group(1)), int(match.group(2))
+            if version >= (2, 0):
+                self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                                "Invalid HTTP version (%s)" % words[-1][len("HTTP/"):])
+                return False
+            self.request_version = words[-1]
+            self.close_connection = version < (1, 1)
+        if len(words) == 2:
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served")
             return False
-        return super().parse_request()
+        if len(words) != 3:
+            self.send_error(HTTPStatus.BAD_REQUEST, "Bad request syntax (%r)" % self.requestline)
+            return False
+        self.command, self.path = words[:2]
+        head = self._read_header_lines()
+        if head is None:
+            return False
+        self.headers = http.client.parse_headers(io.BytesIO(head), _class=self.MessageClass)
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if version >= (1, 1) and "100-continue" in self._expectations():
+            return self.handle_expect_100()
+        return True
+
+    def _read_header_lines(self):
+        """The header lines after the request line, the empty one included, as
+        bytes; None once refused: 431 for a head over MAX_HEAD bytes in all or
+        MAX_HEADER_LINES lines, 400 for a line that _line_problem refuses or a
+        folded one (obs-fold, which RFC 9112 5.2 lets a server refuse)."""
+        lines = []
+        size = len(self.raw_requestline)
+        while True:
+            line = self.rfile.readline(MAX_HEAD - size + 1)
+            size += len(line)
+            if size > MAX_HEAD:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                "the request head is larger than %d bytes" % MAX_HEAD)
+                return None
+            problem = self._line_problem(line, HEAD_CONTROL)
+            if problem is None and line[:1] in (b" ", b"\t"):
+                problem = "folded header lines (starting with a space or tab) are not accepted"
+            if problem:
+                self.send_error(HTTPStatus.BAD_REQUEST, problem)
+                return None
+            lines.append(line)
+            if line == b"\r\n":
+                return b"".join(lines)
+            if len(lines) >= MAX_HEADER_LINES:   # no room left for the empty line
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                "more than %d header lines" % (MAX_HEADER_LINES - 1))
+                return None
+
+    def _expectations(self):
+        """The members of the Expect headers, lower-cased."""
+        return [member.strip().lower() for value in self.headers.get_all("Expect", [])
+                for member in value.split(",") if member.strip()]
 
     # -- dispatch ------------------------------------------------------------
 
     def _route(self):
-        """The method serving this request, or None (501)."""
+        """The method serving this request, or None (501).  HEAD is served as GET
+        is, and send_text leaves the body out."""
         path = self.path.partition("?")[0]
+        command = "GET" if self.command == "HEAD" else self.command
         if path == "/process":
-            return {"POST": self.start_process, "GET": self.list_processes}.get(self.command)
-        if path.startswith("/process/") and self.command == "DELETE":
+            return {"POST": self.start_process, "GET": self.list_processes}.get(command)
+        if path.startswith("/process/") and command == "DELETE":
             return self.kill_process
-        if self.command == "GET":
+        if command == "GET":
             return {"/metrics": self.serve_metrics, "/health": self.serve_health}.get(path)
         return None
 
@@ -1342,10 +1491,18 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self._check_framing()
         action = self._route()
         if action != self.serve_health:
-            if "Origin" in self.headers:  # a web page: any site could POST to a loopback rexec
-                raise Refused(HTTPStatus.FORBIDDEN, "requests from web pages (with an Origin "
-                              "header) are refused")
-            self._authorize()
+            try:
+                if "Origin" in self.headers:  # a web page: any site could POST to a loopback rexec
+                    raise Refused(HTTPStatus.FORBIDDEN, "requests from web pages (with an Origin "
+                                  "header) are refused")
+                self._authorize()
+            except Refused:
+                # Each further try costs an unauthorized client a new connection.
+                self.close_connection = True
+                raise
+        if any(member != "100-continue" for member in self._expectations()):
+            raise Refused(HTTPStatus.EXPECTATION_FAILED,
+                          "the only expectation understood is 'Expect: 100-continue'")
         if action is None:
             raise Refused(HTTPStatus.NOT_IMPLEMENTED, "%s %s is not supported"
                           % (self.command, self.path.partition("?")[0]))
@@ -1369,7 +1526,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 log.debug("client left before its answer: %s", exc)
                 return
             log.exception("internal error serving %s %s", self.command,
-                          printable(self.path.partition("?")[0]))   # a query may hold secrets
+                          printable(logged_path(self.path)))
             if self.status is None:
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR,
                                "internal error; see the server log")
@@ -1602,7 +1759,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.send_body(status, (json.dumps(obj) + "\n").encode("ascii"), "application/json")
 
     def send_error(self, code, message=None, explain=None):
-        """The standard library's own refusals (bad request line, 414, 431, ...), as plain text."""
+        """Refusals of a head that is not read on (a bad request line, 414, 431,
+        ...; parse_request's and the standard library's), as plain text, closing."""
         self.close_connection = True
         self.unread_body = True   # the rest of an over-long line, say: close lingering
         phrase = message or HTTPStatus(code).phrase
@@ -1618,7 +1776,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         status = int(self.status)
         self.server.metrics.count_request(status)
         log_event(logging.INFO, "access", peer=self.client_address[0], method=self.command or "-",
-                  path=self.path.partition("?")[0] if self.command else "-", status=status,
+                  path=logged_path(self.path) if self.command else "-", status=status,
                   bytes=self.sent, duration="%.3fs" % (time.monotonic() - self.begun),
                   alias=self.alias or "-")
 

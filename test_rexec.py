@@ -1330,11 +1330,13 @@ class SecurityTests(ServerTestCase):
 
     def test_header_defects_get_400(self):
         for head in (b"GET /process HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n",
-                     b"GET /process HTTP/1.1\r\n continued: x\r\n\r\n",
                      b"GET /process HTTP/1.1\r\nContent-Length : 5\r\n\r\n"):
             with self.subTest(head=head):
                 self.assertRefusal(raw_exchange(self.server, head), 400, "malformed header line",
                                    close=True)
+        raw = raw_exchange(self.server, b"GET /process HTTP/1.1\r\n continued: x\r\n\r\n")
+        self.assertRefusal(raw, 400, "folded header lines (starting with a space or tab) are not "
+                           "accepted", close=True)
 
     def test_header_count_and_line_limits(self):
         # the standard library's own: http.client._MAXHEADERS and _MAXLINE
@@ -1475,7 +1477,8 @@ class SecurityTests(ServerTestCase):
         with Conn(server) as conn:
             response = conn.request("GET", "/health")
             self.assertEqual((response.status, response.body), (200, b"ok\n"))
-            self.assertEqual(conn.request("GET", "/metrics").status, 401)
+            self.assertEqual(conn.request("GET", "/metrics").status, 401)   # and closes
+        with Conn(server) as conn:
             self.assertEqual(conn.request("GET", "/metrics",
                                           headers={"Authorization": "Bearer t0ken"}).status, 200)
 
@@ -1488,12 +1491,12 @@ class SecurityTests(ServerTestCase):
         server = Server("--token-file", path)
         self.addCleanup(server.stop)
         self.assertIn("is readable by group or others; chmod 600 it", server.log())
-        with Conn(server) as conn:
-            def status(token):
+        def status(token):   # a 401 closes the connection: one each
+            with Conn(server) as conn:
                 return conn.request("GET", "/process",
                                     headers={"Authorization": "Bearer " + token}).status
-            self.assertEqual(status("second-line"), 401)
-            self.assertEqual(status("file-token-81"), 200)
+        self.assertEqual(status("second-line"), 401)
+        self.assertEqual(status("file-token-81"), 200)
         os.chmod(path, 0o600)
         quiet = Server("--token-file", path)
         self.addCleanup(quiet.stop)
@@ -3083,6 +3086,175 @@ class StartupHardeningTests(unittest.TestCase):
         response = run(server, {"alias": "sh", "cmd": "sh", "args": ["-c", "echo $0"]})
         self.assertEqual(response.body, b"sh\n")
         self.assertNotIn("pwned", server.log())
+
+
+# --------------------------------------------------------------------------
+# Hardening (issue 15): HTTP as clients and proxies speak it
+# --------------------------------------------------------------------------
+
+class HttpHardeningTests(ServerTestCase):
+
+    TOKEN_REFUSAL = "this server wants an 'Authorization: Bearer <token>' header with its token"
+
+    def assertRefusal(self, raw, status, message, close=False):
+        """`raw` is exactly one whole response: `status` and a one-line `message`."""
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), raw[:300])
+        self.assertEqual(body, message.encode() + b"\n")
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % len(body), head + b"\r\n")
+        if close:
+            self.assertIn(b"\r\nConnection: close\r\n", head + b"\r\n")
+
+    def token_server(self, *args):
+        server = Server(*args, env={"REXEC_TOKEN": "tok-15"})
+        self.addCleanup(server.stop)
+        return server
+
+    def test_head_is_answered_wherever_get_is(self):
+        with Conn(self.server) as conn:
+            for path in ("/health", "/process", "/metrics"):
+                with self.subTest(path=path):
+                    get = conn.request("GET", path)
+                    conn.send("HEAD", path)
+                    status, _, headers, _ = conn.head()
+                    self.assertEqual(status, 200)
+                    self.assertEqual(headers["content-type"], get.headers["content-type"])
+                    if path != "/metrics":   # its request counts change from one to the next
+                        self.assertEqual(headers["content-length"], get.headers["content-length"])
+            conn.send("HEAD", "/nowhere")
+            self.assertEqual(conn.head()[0], 501)
+            # No body followed a HEAD answer's head: the next answer is read whole.
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        raw = raw_exchange(self.server, b"HEAD /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw)
+        self.assertTrue(raw.endswith(b"\r\nContent-Length: 3\r\n\r\n"), raw)
+        server = self.token_server()
+        raw = raw_exchange(server, b"HEAD /process HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 ") and raw.endswith(b"\r\n\r\n"), raw)
+        raw = raw_exchange(server, b"HEAD /process HTTP/1.1\r\nHost: localhost\r\n"
+                                   b"Authorization: Bearer tok-15\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+        self.assertTrue(raw.endswith(b"\r\nContent-Length: 3\r\n\r\n"), raw)   # "[]\n"
+
+    def test_unknown_expectations_get_417(self):
+        message = "the only expectation understood is 'Expect: 100-continue'"
+        for value in ("something", "100-continue, x-more", "200-ok", "100-continue-later"):
+            with self.subTest(value=value):
+                raw = raw_exchange(self.server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+                                                b"Expect: %s\r\n\r\n" % value.encode())
+                self.assertRefusal(raw, 417, message)
+        body = json.dumps({"alias": "e", "cmd": "echo", "args": ["ok"]}).encode()
+        head = (b"POST /process HTTP/1.1\r\nHost: localhost\r\nExpect: %s\r\n"
+                b"Content-Length: %d\r\n\r\n")
+        with Conn(self.server) as conn:   # refused before the body: it is never sent
+            conn.sock.sendall(head % (b"x-later", len(body)))
+            response = conn.response()
+            self.assertEqual((response.status, response.headers["connection"]), (417, "close"))
+        with Conn(self.server) as conn:   # the one that is known, in any case
+            conn.sock.sendall(head % (b"100-Continue", len(body)))
+            self.assertEqual(conn.head()[0], 100)
+            conn.sock.sendall(body)
+            self.assertEqual(conn.response().body, b"ok\n")
+        self.assertEqual(self.server.log().count("INFO start alias=e "), 1)   # not the refused one
+
+    def test_empty_lines_before_a_request_line_are_skipped(self):
+        with Conn(self.server) as conn:
+            self.assertEqual(conn.request("GET", "/health").status, 200)
+            conn.sock.sendall(b"\r\n")   # a stray CRLF after a request's body, as old clients send
+            time.sleep(0.1)   # read on its own, not with the next request
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+            conn.sock.sendall(b"\r\n\r\n\r\n\r\n")
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        raw = raw_exchange(self.server, b"\r\n" * 5 + b"GET /health HTTP/1.1\r\n\r\n")
+        self.assertRefusal(raw, 400, "more than 4 empty lines before the request line", close=True)
+        self.assertEqual(raw_exchange(self.server, b"\r\n\r\n"), b"")   # a connection that ends
+
+    def test_header_lines_a_proxy_could_read_differently_get_400(self):
+        lf = "the request head's lines must end with CRLF, not a bare LF"
+        fold = "folded header lines (starting with a space or tab) are not accepted"
+        ctl = "control characters (such as NUL or a lone CR) are not accepted in the request head"
+        early = "the request head ended before its empty line"
+        start = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+        for raw_head, message in (
+                (b"GET /health HTTP/1.1\nHost: localhost\n\n", lf),
+                (b"GET /health HTTP/1.1\r\nHost: localhost\n\r\n", lf),
+                (start + b"\n", lf),
+                (start + b"X-A: 1\r\n folded\r\n\r\n", fold),
+                (start + b"X-A: 1\r\n\tfolded\r\n\r\n", fold),
+                (b"GET /health HTTP/1.1\r\n Host: localhost\r\n\r\n", fold),
+                (start + b"X-A: a\x00b\r\n\r\n", ctl),
+                (start + b"X-A: a\rContent-Length: 5\r\n\r\n", ctl),
+                (start + b"X-A: a\x7f\r\n\r\n", ctl),
+                (b"GET /he\x00alth HTTP/1.1\r\nHost: localhost\r\n\r\n", ctl),
+                (b"GET\t/health HTTP/1.1\r\nHost: localhost\r\n\r\n", ctl),
+                (b"GET /health HTTP/1.1\rHost: localhost\r\n\r\n", ctl),
+                (start, early), (start + b"X-A: 1", early), (b"GET /health HTTP/1.1", early)):
+            with self.subTest(head=raw_head):
+                self.assertRefusal(raw_exchange(self.server, raw_head), 400, message, close=True)
+        # A tab in a value is fine (RFC 9110 allows it), and so is obs-text.
+        raw = raw_exchange(self.server, start + b"X-A: a\tb \xe9\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+
+    def test_paths_are_taken_as_sent(self):
+        # Python 3.11's parser turned "//process" into "/process"; 3.6's left it.
+        for path in ("//process", "//health", "///metrics", "//process/a"):
+            for method in ("GET", "DELETE"):
+                with self.subTest(path=path, method=method):
+                    raw = raw_exchange(self.server, b"%s %s HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                                       % (method.encode(), path.encode()))
+                    self.assertRefusal(raw, 501, "%s %s is not supported" % (method, path))
+
+    def test_the_whole_head_is_bounded(self):
+        start = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+        line = b"X-Pad: " + b"p" * 1000 + b"\r\n"   # 66 of them: each line and the count are fine
+        self.assertEqual(rexec.MAX_HEAD, 65536)
+        raw = raw_exchange(self.server, start + line * 66 + b"\r\n")
+        self.assertRefusal(raw, 431, "the request head is larger than 65536 bytes", close=True)
+        for size, status in ((65536, 200), (65537, 431)):   # the whole head, empty line included
+            pad = size - len(start) - len(b"X-Last: \r\n\r\n") - len(line) * 60
+            last = b"X-Last: " + b"q" * pad + b"\r\n\r\n"
+            raw = raw_exchange(self.server, start + line * 60 + last)
+            with self.subTest(size=size):
+                self.assertTrue(raw.startswith(b"HTTP/1.1 %d " % status), raw[:200])
+        raw = raw_exchange(self.server, b"GET /" + b"p" * 65000 + b" HTTP/1.1\r\n" + line + b"\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 431 "), raw[:200])   # the request line counts
+
+    def test_refusals_before_authorization_close_the_connection(self):
+        server = self.token_server()
+        request = b"GET /process HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        big = (b"POST /process HTTP/1.1\r\nHost: localhost\r\nContent-Length: 900000\r\n\r\n"
+               + b"x" * 900000)
+        for second in (request, big):   # pipelined: the refusal is the last answer, and whole
+            raw = raw_exchange(server, request + second)
+            self.assertRefusal(raw, 401, self.TOKEN_REFUSAL, close=True)
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/health").status, 200)
+            response = conn.request("GET", "/process")
+            self.assertEqual((response.status, response.headers["connection"]), (401, "close"))
+            self.assertEqual(conn.file.read(), b"")
+        origin = b"GET /process HTTP/1.1\r\nHost: localhost\r\nOrigin: https://evil.example\r\n\r\n"
+        raw = raw_exchange(self.server, origin * 2)
+        self.assertRefusal(raw, 403, "requests from web pages (with an Origin header) are refused",
+                           close=True)
+        rebound = b"GET /process HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+        raw = raw_exchange(self.server, rebound * 2)
+        self.assertRefusal(raw, 403, "without a token, the Host header must be an IP address or "
+                           "localhost", close=True)
+
+    def test_the_access_log_keeps_a_bounded_path(self):
+        server = self.token_server()
+        request = b"GET /" + b"\x80" * 60000 + b"?q=1 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        before = len(server.log())
+        for _ in range(5):
+            self.assertTrue(raw_exchange(server, request).startswith(b"HTTP/1.1 401 "))
+        match = server.wait_log(r"INFO access peer=\S+ method=GET path=(\S+) status=401 ")
+        self.assertEqual(json.loads(match.group(1)), "/" + "\x80" * 199 + "...")
+        self.assertTrue(wait_for(lambda: server.log().count("INFO access") == 5))
+        grown = len(server.log()) - before
+        self.assertLess(grown, 5 * 2000, "%d log bytes for %d sent" % (grown, 5 * len(request)))
+        with Conn(server) as conn:
+            conn.request("GET", "/" + "a" * 300 + "/b", headers={"Authorization": "Bearer tok-15"})
+        server.wait_log(r"method=GET path=/%s\.\.\. status=501 " % ("a" * 199))
 
 
 # ==========================================================================
