@@ -27,7 +27,8 @@ The sections of this file, in order:
                         owns every byte path from a child's output to a socket
     Requests            parse_spec(): what a POST /process body may say
     Process supervision Ending, the one owner of how a process group ends;
-                        Process (one child); Stream, the event loop of one stream
+                        Process (one child); StderrLines, its stderr into the log;
+                        Stream, the event loop of one stream
     Registry, metrics   the alias registry; counters for GET /metrics
     Logging             one line per event, as text or JSON
     HTTP handler        RexecHandler: the API on one connection
@@ -132,7 +133,14 @@ IGNORED_SIGNALS = frozenset(
 OUT_OF_RESOURCES_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REASONS = ("exit", "timeout", "killed", "shutdown", "disconnect")
 TRAILERS = ("Rexec-Exit-Code", "Rexec-Reason")   # how a stream says how its process ended
-STDERR_MODES = {"inherit": None, "merge": subprocess.STDOUT, "discard": subprocess.DEVNULL}
+# "inherit": to rexec's side, as the original did -- read here and logged line by line.
+STDERR_MODES = {"inherit": subprocess.PIPE, "merge": subprocess.STDOUT,
+                "discard": subprocess.DEVNULL}
+MAX_STDERR_LINE = 4096       # bytes of a child's stderr line per log event; longer: in pieces
+STDERR_BURST = 200           # a stream's stderr lines logged at once, then ...
+STDERR_LINES_PER_SECOND = 100   # ... this many a second; the rest are counted, not logged
+STDERR_DROP_REPORT = 1.0     # seconds from a line dropped to the line that says how many
+STDERR_DRAIN = 16            # READ_SIZE reads, at most, of what is left in a stream's end
 MAX_NESTING = 32             # JSON depth; deeper input could overflow a small thread stack
 # An unterminated string runs to the end: every match succeeds, so the scan stays linear.
 JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
@@ -854,21 +862,139 @@ class Process:
             os.close(self.output_fd)
         self.output_fd = None
         if self.popen:
-            for pipe in (self.popen.stdin, self.popen.stdout):
+            for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
                 if pipe:
                     pipe.close()
+
+
+class StderrLines:
+    """A child's stderr ("inherit") into rexec's log, one event per line:
+    'stderr alias=A line=TEXT', the text escaped like every field, so a child
+    can neither forge a log line nor break --log-format json.
+
+    The stream's selector says when the pipe is readable (ready()); each call
+    reads at most READ_SIZE bytes, so a flood cannot starve the output, and
+    holds at most a line's MAX_STDERR_LINE bytes from one call to the next.  A
+    longer line is logged in pieces (cut=True on all but the last), each cut
+    at a UTF-8 character's boundary.  Lines beyond a token bucket of
+    STDERR_BURST, refilled at STDERR_LINES_PER_SECOND, are read and dropped:
+    one 'stderr-dropped' line says how many, STDERR_DROP_REPORT seconds after
+    the first of them (step()) or at the end (finish()).  The pipe is always
+    drained, so the child never waits on its stderr for long.
+    """
+
+    def __init__(self, fd, alias):
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.alias = alias
+        self.open = True              # False once read to its end, or finished
+        self.dropped = 0              # lines dropped and not yet reported
+        self._partial = b""           # the start of a line yet to end
+        self._tokens = float(STDERR_BURST)
+        self._filled_at = time.monotonic()
+        self._report_at = None        # when the dropped lines are reported
+
+    def ready(self, mask=None):
+        """Read what the pipe holds (up to READ_SIZE) and log its complete lines."""
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            self._feed(data)
+        else:   # every writer is gone
+            self.open = False
+            self._end_line()
+
+    def step(self, now):
+        """Report dropped lines once due; when that is next due, or None."""
+        if self.dropped and now >= self._report_at:
+            self._report()
+        return self._report_at if self.dropped else None
+
+    def finish(self):
+        """The stream ends: log what is left in the pipe (read without waiting
+        for a writer that is still there, at most STDERR_DRAIN reads), the last
+        line even without its newline, and the dropped count.  Idempotent; the
+        pipe itself is closed with the Process."""
+        for _ in range(STDERR_DRAIN):
+            if not self.open:
+                break
+            self.ready()
+            if self.open and not fionread(self.fd):
+                break
+        self.open = False
+        self._end_line()
+        if self.dropped:
+            self._report()
+
+    def _feed(self, data):
+        buf = self._partial + data if self._partial else data
+        start, size = 0, len(buf)
+        while True:
+            end = buf.find(b"\n", start, start + MAX_STDERR_LINE + 1)
+            if end >= 0:
+                if self._spend():
+                    self._log(buf[start:end])
+                    start = end + 1
+                    continue
+                # Out of budget: the rest of the read's lines are counted at once.
+                last = buf.rindex(b"\n")
+                self.dropped += buf.count(b"\n", end + 1, last + 1)
+                start = last + 1
+            elif size - start > MAX_STDERR_LINE:
+                cut = start + MAX_STDERR_LINE
+                while buf[cut] & 0xC0 == 0x80 and cut > start + MAX_STDERR_LINE - 3:
+                    cut -= 1   # not inside a UTF-8 character
+                if self._spend():
+                    self._log(buf[start:cut], cut=True)
+                start = cut
+            else:
+                break
+        self._partial = buf[start:]
+
+    def _end_line(self):
+        """A last line without its newline is a line too."""
+        if self._partial:
+            if self._spend():
+                self._log(self._partial)
+            self._partial = b""
+
+    def _spend(self):
+        """True if the budget allows one more line; else it counts as dropped."""
+        now = time.monotonic()
+        self._tokens = min(float(STDERR_BURST),
+                           self._tokens + (now - self._filled_at) * STDERR_LINES_PER_SECOND)
+        self._filled_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        if not self.dropped:
+            self._report_at = now + STDERR_DROP_REPORT
+        self.dropped += 1
+        return False
+
+    def _log(self, line, **extra):
+        log_event(logging.INFO, "stderr", alias=self.alias,
+                  line=line.decode("utf-8", "backslashreplace"), **extra)
+
+    def _report(self):
+        log_event(logging.WARNING, "stderr-dropped", alias=self.alias, lines=self.dropped)
+        self.dropped, self._report_at = 0, None
 
 
 class Stream:
     """One child's output to one client until the child is gone: an event loop.
 
     It sleeps in one selector on the child's output, the client's socket, the
-    child's stdin, its exit and its ending's wake-up channel, and hands on what
-    happens: output and a writable socket to the writer, which moves the bytes;
-    the child's exit, the timeout and a client gone to the ending, which ends
-    the group.  A readable socket while the stream only writes means EOF (the
-    client left) or its next request, kept for after the stream.  An idle
-    stream costs no CPU.  run() returns once the child is reaped.
+    child's stdin, its stderr, its exit and its ending's wake-up channel, and
+    hands on what happens: output and a writable socket to the writer, which
+    moves the bytes; stderr to its StderrLines, which logs it; the child's
+    exit, the timeout and a client gone to the ending, which ends the group.
+    Stderr never decides when the stream ends: a grandchild that holds it
+    keeps nothing open.  A readable socket while the stream only writes means
+    EOF (the client left) or its next request, kept for after the stream.  An
+    idle stream costs no CPU.  run() returns once the child is reaped.
     """
 
     def __init__(self, proc, sock, writer, early):
@@ -879,6 +1005,8 @@ class Stream:
         self.early = early           # what the client sends meanwhile: its next request
         self.stdin = memoryview(proc.spec.stdin or b"")  # what is still to be fed
         self.stdin_fd = proc.popen.stdin.fileno() if proc.popen.stdin else None
+        self.stderr = (StderrLines(proc.popen.stderr.fileno(), proc.alias)
+                       if proc.popen.stderr else None)
         self._registered = {}
 
     def run(self):
@@ -905,9 +1033,13 @@ class Stream:
             self.ending.ask("disconnect", wake=False)
 
     def end(self):
-        """Kill what is left of the group, reap, close.  Idempotent."""
+        """Kill what is left of the group, reap, log the rest of stderr, close.  Idempotent."""
         self.ending.finish()
-        self.proc.close()
+        try:
+            if self.stderr is not None:
+                self.stderr.finish()
+        finally:
+            self.proc.close()
 
     def _step(self):
         """Let the ending move on; when anything is next due, or None."""
@@ -916,6 +1048,8 @@ class Stream:
         if slow and now >= writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()   # ... and stopped reading
         due = [ending.step(now, self._output_done)]
+        if self.stderr is not None:
+            due.append(self.stderr.step(now))
         if slow:
             due.append(writer.progress_at + WRITE_TIMEOUT)
             if ending.state != ending.REAPED:
@@ -951,6 +1085,9 @@ class Stream:
                        ending.child_exited)
         self._want(sel, self.proc.output_fd,
                    selectors.EVENT_READ if writer.wants_output else 0, self._on_output)
+        if self.stderr is not None:
+            self._want(sel, self.stderr.fd, selectors.EVENT_READ if self.stderr.open else 0,
+                       self.stderr.ready)
         sock_events = 0
         if not writer.gone:
             sock_events |= selectors.EVENT_READ
@@ -2596,7 +2733,7 @@ def client_arguments():
     run.add_argument("--stdin", action="store_true",
                      help="send our stdin (UTF-8 text, read to its end)")
     run.add_argument("--stderr", choices=("merge", "discard"),
-                     help="its stderr into the stream, or nowhere (default: the server's stderr)")
+                     help="its stderr into the stream, or nowhere (default: the server's log)")
     run.add_argument("--tty", action="store_true", help="run it on a pseudo-terminal")
     run.add_argument("cmd", metavar="CMD")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")

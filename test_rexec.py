@@ -313,6 +313,21 @@ def proc_stat(pid):
         return None
 
 
+def proc_cpu(pid):
+    """User + system CPU seconds of process `pid` (all its threads)."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status(pid, field):
+    """A kB figure (VmRSS, VmHWM) of /proc/PID/status, in bytes."""
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def all_pids():
     """Every pid in /proc."""
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
@@ -836,8 +851,7 @@ class LifetimeTests(ServerTestCase):
 
     def test_slow_reader_slows_the_child_without_growing_memory(self):
         def rss_kib():
-            with open("/proc/%d/status" % self.server.proc.pid) as handle:
-                return int(re.search(r"VmRSS:\s+(\d+)", handle.read()).group(1))
+            return proc_status(self.server.proc.pid, "VmRSS") // 1024
         before = rss_kib()
         size = 256 << 20   # far more than the pipe and the socket buffers hold
         conn = self.start_stream({"alias": "big", "cmd": "head",
@@ -2839,13 +2853,6 @@ class InputHardeningTests(ServerTestCase):
 # Hardening (issue 15): processes that outlive what should end them
 # --------------------------------------------------------------------------
 
-def proc_cpu_seconds(pid):
-    """User plus system CPU seconds process `pid` has used (from /proc)."""
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class EndingHardeningTests(ServerTestCase):
     server_args = ("--grace", "0.5")
 
@@ -2976,9 +2983,9 @@ class EndingHardeningTests(ServerTestCase):
         for _ in range(limit + 16):   # each accepted one holds a descriptor there
             idle.append(server.connect())
         server.wait_log("WARNING accept-paused error=\"Too many open files\"")
-        before = proc_cpu_seconds(server.proc.pid)
+        before = proc_cpu(server.proc.pid)
         time.sleep(1.0)
-        used = proc_cpu_seconds(server.proc.pid) - before
+        used = proc_cpu(server.proc.pid) - before
         self.assertLess(used, 0.5, "the accept loop spins while out of descriptors")
         self.assertEqual(server.log().count("accept-paused"), 1)   # said once, not each pause
         for sock in idle:
@@ -3258,6 +3265,105 @@ class HttpHardeningTests(ServerTestCase):
         server.wait_log(r"method=GET path=/%s\.\.\. status=501 " % ("a" * 199))
 
 
+# --------------------------------------------------------------------------
+# Hardening (issue 15): what a child's stderr may do to the log
+# --------------------------------------------------------------------------
+
+class StderrLogTests(ServerTestCase):
+    """A child's stderr ("inherit") reaches the log as events of its own, one per
+    line, escaped, bounded in length and in rate: it cannot forge or break a line."""
+
+    server_args = ("--log-format", "json")
+
+    def python(self, alias, code, server=None):
+        """Run `code` in a Python child; the response, once the access line is logged."""
+        server = server or self.server
+        response = run(server, {"alias": alias, "cmd": sys.executable, "args": ["-c", code]})
+        server.wait_log(r'access.*"?alias(=|": ")%s' % alias)   # text or JSON
+        return response
+
+    def stderr_events(self, alias, server=None):
+        """Every log record parsed (each line must be JSON); the stderr events of `alias`."""
+        records = [json.loads(line) for line in (server or self.server).log().splitlines()]
+        return [r for r in records if r.get("event") == "stderr" and r.get("alias") == alias]
+
+    def test_forged_lines_and_escapes_are_escaped_fields_of_a_stderr_event(self):
+        server = Server()
+        self.addCleanup(server.stop)
+        forged = ("2026-01-01 00:00:00,000 INFO access peer=6.6.6.6 method=POST path=/x "
+                  "status=200 bytes=0 duration=0.001s alias=fake")
+        code = ("import sys; sys.stderr.write(%r); print('out')"
+                % (forged + "\n\x1b[2J\x1b]0;pwned\x07cleared\n"))
+        self.assertEqual(self.python("forger", code, server).body, b"out\n")
+        text = server.log()
+        self.assertIsNone(CONTROLS.search(text.replace("\n", "")), repr(text))
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ "
+        for line in text.splitlines():
+            self.assertRegex(line, "^" + stamp)
+            self.assertNotRegex(line, "^" + stamp + "access peer=6.6.6.6")
+        self.assertIn('INFO stderr alias=forger line="%s"\n' % forged, text)
+        self.assertIn('INFO stderr alias=forger line="\\x1b[2J\\x1b]0;pwned\\x07cleared"\n',
+                      text)
+
+    def test_json_log_stays_one_object_per_line(self):
+        code = ("import sys; sys.stderr.buffer.write(b'\\xff\\xfe {\"event\": \"access\"}\\n"
+                "\\x1b[31mred\\r\\n\\\\ \"q\" \\x00\\n'); print('out')")
+        self.assertEqual(self.python("garbage", code).body, b"out\n")
+        lines = [event["line"] for event in self.stderr_events("garbage")]
+        self.assertEqual(lines, ['\\xff\\xfe {"event": "access"}', "\x1b[31mred\r", '\\ "q" \x00'])
+
+    def test_a_long_line_is_logged_in_pieces(self):
+        # Cut at MAX_STDERR_LINE bytes, but never inside a UTF-8 character.
+        code = ("import sys; w = sys.stderr.buffer.write; w(b'a' * 4095 + 'é'.encode() * 10"
+                " + b'\\n'); w(b'b' * 10000 + b'\\n'); w(b'c' * 4096 + b'\\n')")
+        self.python("long", code)
+        pieces = [(event["line"], event.get("cut", False)) for event in self.stderr_events("long")]
+        self.assertEqual(pieces, [("a" * 4095, True), ("é" * 10, False), ("b" * 4096, True),
+                                  ("b" * 4096, True), ("b" * 1808, False), ("c" * 4096, False)])
+
+    def test_a_last_line_without_newline_is_logged_and_a_leftover_holds_nothing(self):
+        if not shutil.which("setsid"):
+            self.skipTest("no setsid")
+        self.addCleanup(kill_all, "31.4159")
+        # A grandchild in a session of its own keeps the stderr pipe open: the
+        # stream still ends with the child and its stdout, not after 31 s.
+        script = "printf 'first\\nlast-5678' >&2; setsid sleep 31.4159 >/dev/null & echo out"
+        begun = time.monotonic()
+        response = run(self.server, {"alias": "tail", "cmd": "sh", "args": ["-c", script]})
+        self.assertEqual((response.body, response.trailers["Rexec-Reason"]), (b"out\n", "exit"))
+        self.assertLess(time.monotonic() - begun, 10)
+        self.server.wait_log(r'"event": "access".*"alias": "tail"')
+        self.assertEqual([e["line"] for e in self.stderr_events("tail")], ["first", "last-5678"])
+
+    def test_a_flood_is_dropped_and_neither_grows_memory_nor_stalls_stdout(self):
+        log_path = os.path.join(tempfile.mkdtemp(prefix="rexec-test-"), "log")
+        self.addCleanup(shutil.rmtree, os.path.dirname(log_path), True)
+        server = Server("--log-format", "json", log_path=log_path)
+        self.addCleanup(server.stop)
+
+        def peak_rss():
+            return proc_status(server.proc.pid, "VmHWM")
+        self.python("warm", "import sys; sys.stderr.write('warm\\n')", server)
+        before = peak_rss()
+        flood, out = 128 << 20, 8 << 20   # "flood\n" lines, then "fl"
+        script = "yes flood | head -c %d >&2 & head -c %d /dev/zero; wait" % (flood, out)
+        begun = time.monotonic()
+        response = run(server, {"alias": "flood", "cmd": "sh", "args": ["-c", script]})
+        elapsed = time.monotonic() - begun
+        self.assertEqual((len(response.body), response.trailers["Rexec-Exit-Code"]), (out, "0"))
+        server.wait_log(r'"event": "access".*"alias": "flood"')
+        self.assertLess(peak_rss() - before, 16 << 20)
+        logged = self.stderr_events("flood", server)
+        records = [json.loads(line) for line in server.log().splitlines()]
+        dropped = [r["lines"] for r in records
+                   if r.get("event") == "stderr-dropped" and r.get("alias") == "flood"]
+        self.assertTrue(dropped)
+        self.assertLessEqual(len(logged), rexec.STDERR_BURST
+                             + rexec.STDERR_LINES_PER_SECOND * elapsed + 2)
+        self.assertEqual(len(logged) + sum(dropped), flood // 6 + 1)   # nothing lost unsaid
+        self.assertEqual(logged[0]["line"], "flood")
+
+
 # ==========================================================================
 # Benchmark (issue 6): python3 test_rexec.py bench [--quick] [--json FILE]
 #                                                    [--only PARTS]
@@ -3336,22 +3442,6 @@ while True:
     child.stdout.close()
     child.wait()
 '''
-
-
-def proc_cpu(pid):
-    """User + system CPU seconds of process `pid` (all its threads)."""
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_status(pid, field):
-    """A kB figure (VmRSS, VmHWM) of /proc/PID/status, in bytes."""
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def median(values):
