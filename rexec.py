@@ -38,6 +38,7 @@ The sections of this file, in order:
 """
 
 import argparse
+import base64
 import collections
 import contextlib
 import errno
@@ -93,6 +94,8 @@ HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
 WRITE_TIMEOUT = 30.0         # seconds a client that stopped reading may hold up a stream's end
+EVENT_KEEPALIVE = 15.0       # seconds an event stream may be silent: proxies time idle ones out
+DEFAULT_MAX_OUTPUT = 8 << 20   # bytes of output a JSON answer holds (--max-output)
 HANGUP_CHECK = 0.05          # seconds between looks for a dead child's pipe losing its last
                              # writer while a slow client has yet to take what is in it
 HANDSHAKE_TIMEOUT = 10.0     # seconds for a TLS handshake, on the connection's own thread
@@ -268,18 +271,20 @@ class BodyWriter:
         """What ends the body once the process has ended."""
         raise NotImplementedError
 
-    def __init__(self, sock, output_fd, tty, label):
+    def __init__(self, sock, output_fd, tty, label, encoder=None):
         self.sock = sock
         self.output_fd = output_fd
         self.label = label                    # the alias, for -vv lines
+        self.encoder = encoder                # None: the output as it is, else see EventEncoder
         tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
-        self.can_splice = CAN_SPLICE and not tls and not tty
+        self.can_splice = CAN_SPLICE and not tls and not tty and encoder is None
         self.grow_pipe = bool(F_SETPIPE_SZ) and not tty   # see _grow_pipe()
         self.pending = collections.deque()   # bytes, or an int: bytes to splice
         self.output_open = True               # False once the output reached its end
         self.gone = False                     # the client left: output is dropped
         self.sent = 0                         # output bytes framed for the client
         self.progress_at = time.monotonic()   # when the client last took bytes
+        self.framed_at = time.monotonic()     # when the last frame was queued
         self._buffer = None                   # see _frame_buffer()
         self._chunk_at = 0                    # where in it a frame's data begins
 
@@ -322,13 +327,29 @@ class BodyWriter:
                 raise ClientDisconnected(str(exc)) from exc
             raise
 
-    def finish(self, trailers):
-        """Send what is pending and the end of the body, blocking up to
-        WRITE_TIMEOUT for each pause of the client's."""
-        self._queue(self.last(trailers))
+    def finish(self, exit_code, reason):
+        """Send what is pending and the end of the body, which says how the
+        process ended; blocking up to WRITE_TIMEOUT for each pause of the client's."""
+        if self.encoder is not None:
+            self._queue_frame(self.encoder.end(exit_code, reason))
+        self._queue(self.last(list(zip(TRAILERS, (str(exit_code), reason)))))
         while not self.flush():
             if not wait_ready(self.sock, selectors.EVENT_WRITE, WRITE_TIMEOUT):
                 raise ClientDisconnected("the client stopped reading")
+
+    def keepalive_due(self):
+        """When a silent stream next says it is alive (see keep_alive()), or None."""
+        if self.encoder is None or self.encoder.keepalive is None or self.gone:
+            return None
+        return self.framed_at + EVENT_KEEPALIVE
+
+    def keep_alive(self, now):
+        """Send the encoder's keep-alive once the stream has been silent for
+        EVENT_KEEPALIVE: a proxy in between must not take it for a dead one."""
+        due = self.keepalive_due()
+        if due is not None and now >= due and self.idle:
+            self._queue_frame(self.encoder.keepalive)
+            self.flush()
 
     def lose(self):
         """The client is gone: drop what is pending, and from now on the output."""
@@ -354,7 +375,11 @@ class BodyWriter:
                 return 0
             if self.gone:
                 return size
-            self._queue(self._frame_in_place(view, size))
+            if self.encoder is None:
+                self._queue(self._frame_in_place(view, size))
+                self.framed_at = time.monotonic()
+            else:
+                self._queue_frame(self.encoder.encode(view[HEAD_ROOM:HEAD_ROOM + size]))
         self.sent += size
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "chunk alias=%s bytes=%d", printable(self.label), size)
@@ -363,6 +388,13 @@ class BodyWriter:
 
     def _queue(self, *items):
         self.pending.extend(item for item in items if item)   # never an empty write
+
+    def _queue_frame(self, data):
+        """Queue `data`, copied into one frame; nothing at all when it is empty
+        (an empty chunk would end the body)."""
+        if data:
+            self._queue(self.head(len(data)) + data + self.tail)
+            self.framed_at = time.monotonic()
 
     def _frame_buffer(self):
         """The writer's own buffer, at most HEAD_ROOM + COPY_SIZE long: a large
@@ -433,6 +465,129 @@ class RawWriter(BodyWriter):
 
     def last(self, trailers):
         return b""
+
+
+def incomplete_utf8_tail(data):
+    """How many bytes (0 to 3) at the end of `data` begin a UTF-8 character
+    that is not complete yet: the next read may complete it."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:   # not a continuation byte: a character begins here
+            length = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else (
+                4 if byte & 0xF8 == 0xF0 else 1)
+            return back if length > back else 0
+    return 0
+
+
+class EventEncoder:
+    """The output as server-sent events (Accept: text/event-stream), for
+    clients that drop trailers: each read is one event
+
+        event: output
+        data: {"text":"..."}       (or {"base64":"..."} for bytes that are not UTF-8)
+
+    and the end is an exit event, {"exit_code":N,"reason":"..."}.  The text
+    payloads encoded as UTF-8 and the base64 ones decoded give back, in order,
+    exactly the bytes the child wrote: a character split between two reads is
+    held back until the next one completes it.  Each data line is one line of
+    compact JSON.
+    """
+
+    content_type = "text/event-stream; charset=utf-8"
+    headers = (("Cache-Control", "no-cache"),)   # an event stream is never to be cached
+    keepalive = b": keepalive\n\n"             # a comment: event parsers skip it
+
+    def __init__(self):
+        self._held = b""   # the start of a character that the next read completes
+
+    def encode(self, data):
+        data = self._held + bytes(data)
+        whole = len(data) - incomplete_utf8_tail(data)
+        self._held = data[whole:]
+        return self._output(data[:whole])
+
+    def end(self, exit_code, reason):
+        rest, self._held = self._held, b""
+        return self._output(rest) + event("exit", {"exit_code": exit_code, "reason": reason})
+
+    def _output(self, data):
+        if not data:
+            return b""
+        try:
+            return event("output", {"text": data.decode("utf-8")})
+        except UnicodeDecodeError as exc:   # text as far as it is text, then the bytes
+            text = self._output(data[:exc.start]) if exc.start else b""
+            return text + event("output", {"base64": base64.b64encode(data[exc.start:])
+                                           .decode("ascii")})
+
+
+def event(name, payload):
+    """One server-sent event: its name, and `payload` as one line of compact JSON
+    (json.dumps escapes every line break, so the data is one line)."""
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return b"event: %s\ndata: %s\n\n" % (name.encode("ascii"), data.encode("utf-8"))
+
+
+class OutputCollector:
+    """The output kept for one JSON answer (Accept: application/json), up to
+    `limit` bytes; the rest is read and dropped, never held.  Nothing of it is
+    sent while the process runs: answer() is the whole response body."""
+
+    keepalive = None
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.data = bytearray()
+        self.truncated = False
+
+    def encode(self, data):
+        room = self.limit - len(self.data)
+        if len(data) > room:
+            self.truncated = True
+        self.data += data[:room]
+        return b""
+
+    def end(self, exit_code, reason):
+        return b""
+
+    def answer(self, alias, exit_code, reason):
+        data = bytes(self.data)
+        if self.truncated:   # a character cut at the limit is no text
+            data = data[:len(data) - incomplete_utf8_tail(data)]
+        answer = {"alias": alias, "exit_code": exit_code, "reason": reason}
+        try:
+            answer["output"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            answer["output_base64"] = base64.b64encode(data).decode("ascii")
+        answer["truncated"] = self.truncated
+        return answer
+
+
+# What an Accept header may choose; the raw stream is the default.
+ANSWERS = {"application/octet-stream": "raw", "text/event-stream": "events",
+           "application/json": "json"}
+
+
+def chosen_answer(accept):
+    """The answer an Accept header prefers among ANSWERS (the highest q, the
+    first of equals); "raw" when it names none of them."""
+    best, best_q = "raw", 0.0
+    for item in (accept or "").split(","):
+        media, _, params = item.partition(";")
+        answer = ANSWERS.get(media.strip().lower())
+        if answer is None:
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > best_q:
+            best, best_q = answer, q
+    return best
 
 
 # --------------------------------------------------------------------------
@@ -1048,6 +1203,11 @@ class Stream:
         if slow and now >= writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()   # ... and stopped reading
         due = [ending.step(now, self._output_done)]
+        try:
+            writer.keep_alive(now)
+        except ClientDisconnected:
+            self.lose_client()
+        due.append(writer.keepalive_due())
         if self.stderr is not None:
             due.append(self.stderr.step(now))
         if slow:
@@ -1790,8 +1950,14 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd)
 
     def _stream(self, proc):
-        framing = RawWriter if self.request_version == "HTTP/1.0" else ChunkedWriter
-        writer = framing(self.connection, proc.output_fd, proc.spec.tty, proc.alias)
+        """Stream proc's output as the Accept header asks (chosen_answer()): the
+        raw stream, server-sent events, or one JSON answer at the end."""
+        answer = chosen_answer(self.headers.get("Accept"))
+        encoder = (EventEncoder() if answer == "events" else
+                   OutputCollector(self.server.max_output) if answer == "json" else None)
+        framing = (RawWriter if self.request_version == "HTTP/1.0" or answer == "json"
+                   else ChunkedWriter)
+        writer = framing(self.connection, proc.output_fd, proc.spec.tty, proc.alias, encoder)
         stream = Stream(proc, self.connection, writer, self.reader.early)
         try:
             self._pump(stream)
@@ -1807,11 +1973,14 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def _pump(self, stream):
         """Send the head, run the stream (it reaps the child and frees the alias),
-        then the end of the body: the alias is free when the client reads it."""
+        then the end of the body: the alias is free when the client reads it.  A
+        JSON answer (an OutputCollector) is sent whole once the process ended."""
         writer, ending = stream.writer, stream.ending
+        collected = writer.encoder if isinstance(writer.encoder, OutputCollector) else None
         try:
             try:
-                self._send_stream_head(writer.headers)
+                if collected is None:
+                    self._send_stream_head(writer)
             except OSError as exc:  # gone already; the stream still ends the group
                 log.debug("client left before the stream began: %s", exc)
                 stream.lose_client()
@@ -1819,22 +1988,30 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             stream.run()
         finally:
             stream.end()   # run() ends it; this covers a failure before or inside run()
-        if writer.gone or not writer.keeps_connection:
+        if writer.gone or collected is None and not writer.keeps_connection:
             self.close_connection = True
         if self.close_connection and self.reader.early:   # closing with bytes unread
             self.unread_body = True   # would reset the connection over the stream's end
         try:
-            if not writer.gone:
-                writer.finish(list(zip(TRAILERS, (str(ending.exit_code), ending.reason))))
-        except ClientDisconnected:
+            if writer.gone:
+                pass
+            elif collected is not None:
+                self.connection.settimeout(self.timeout)
+                self.send_json(HTTPStatus.OK, collected.answer(
+                    stream.proc.alias, ending.exit_code, ending.reason))
+            else:
+                writer.finish(ending.exit_code, ending.reason)
+        except (ClientDisconnected, OSError):
             self.close_connection = True
         finally:
             self.connection.settimeout(self.timeout)
 
-    def _send_stream_head(self, framing_headers):
+    def _send_stream_head(self, writer):
+        encoder = writer.encoder
         self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/octet-stream")
-        for name, value in framing_headers:
+        self.send_header("Content-Type", getattr(encoder, "content_type",
+                                                 "application/octet-stream"))
+        for name, value in getattr(encoder, "headers", ()) + writer.headers:
             self.send_header(name, value)
         self.end_headers()
 
@@ -1971,6 +2148,7 @@ class RexecServer(_ThreadingHTTPServer):
         self.no_auth = options.no_auth
         self.allow = frozenset(options.allow) if options.allow else None
         self.grace = options.grace
+        self.max_output = options.max_output
         self.ssl_context = options.ssl_context
         self.registry = Registry(options.max_procs)
         self.metrics = Metrics()
@@ -2195,6 +2373,9 @@ def server_arguments():
                         help="allow only this cmd, exactly as sent (repeatable)")
     parser.add_argument("--max-procs", type=positive_int, default=DEFAULT_MAX_PROCS,
                         help="processes running at once before 503 (default %(default)s)")
+    parser.add_argument("--max-output", type=positive_int, default=DEFAULT_MAX_OUTPUT,
+                        metavar="BYTES", help="output a JSON answer (Accept: application/json) "
+                        "holds; the rest is dropped (default %(default)s)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--version", action="version", version="rexec " + __version__)
     return parser

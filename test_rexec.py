@@ -13,6 +13,7 @@ process, a strict HTTP/1.1 client, readers of /proc, a test PKI) and
 ServerTestCase, the fixtures that most tests share; the benchmark comes last.
 """
 
+import base64
 import contextlib
 import io
 import json
@@ -3362,6 +3363,273 @@ class StderrLogTests(ServerTestCase):
                              + rexec.STDERR_LINES_PER_SECOND * elapsed + 2)
         self.assertEqual(len(logged) + sum(dropped), flood // 6 + 1)   # nothing lost unsaid
         self.assertEqual(logged[0]["line"], "flood")
+
+
+# --------------------------------------------------------------------------
+# Answers every client can read: server-sent events and one JSON answer (issue 16)
+# --------------------------------------------------------------------------
+
+EVENTS = {"Accept": "text/event-stream"}
+JSON_ANSWER = {"Accept": "application/json"}
+# Bytes a child writes: text, a character split across two writes, bytes that are no UTF-8.
+MIXED = ["-c", r"printf 'h\303'; sleep 0.3; printf '\251llo\n\377\000bin\n'; exit 3"]
+MIXED_BYTES = b"h\xc3\xa9llo\n\xff\x00bin\n"
+
+
+def parse_events(text):
+    """Server-sent events as the HTML standard reads them, written here apart
+    from rexec's code: ([(event name, data)], number of comment lines)."""
+    events, comments, name, data = [], 0, "message", []
+    for line in re.split(r"\r\n|\r|\n", text):
+        if not line:
+            if data:
+                events.append((name, "\n".join(data)))
+            name, data = "message", []
+        elif line.startswith(":"):
+            comments += 1
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
+    return events, comments
+
+
+def output_of(events):
+    """The bytes the output events carry, and the exit event's payload (it must
+    come last, once)."""
+    output = b""
+    for name, data in events[:-1]:
+        payload = json.loads(data)
+        if name != "output" or len(payload) != 1:
+            raise AssertionError("not an output event: %r %r" % (name, data))
+        output += (payload["text"].encode("utf-8") if "text" in payload
+                   else base64.b64decode(payload["base64"]))
+    name, data = events[-1]
+    if name != "exit":
+        raise AssertionError("the last event is %r, not exit" % name)
+    return output, json.loads(data)
+
+
+class AnswerTests(ServerTestCase):
+    server_args = ("--grace", "0.5")
+
+    def events(self, spec, server=None, **kw):
+        response = run(server or self.server, spec, headers=EVENTS, **kw)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(response.headers["cache-control"], "no-cache")
+        events, comments = parse_events(response.body.decode("utf-8"))
+        return response, events, comments
+
+    def test_events_carry_text_bytes_and_split_characters_exactly(self):
+        response, events, _ = self.events({"alias": "ev", "cmd": "sh", "args": MIXED})
+        output, end = output_of(events)
+        self.assertEqual(output, MIXED_BYTES)
+        self.assertEqual(end, {"exit_code": 3, "reason": "exit"})
+        self.assertEqual(events[0], ("output", '{"text":"h"}'))   # \303 held back ...
+        self.assertEqual(events[1], ("output", '{"text":"éllo\\n"}'))   # ... until complete
+        self.assertIn(("output", '{"base64":"/wBiaW4K"}'), events)
+        self.assertTrue(response.body.endswith(b'data: {"exit_code":3,"reason":"exit"}\n\n'))
+        # chunked on HTTP/1.1, so the trailers still say it too
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "3", "Rexec-Reason": "exit"})
+        self.assertTrue(all(chunk for chunk in response.chunks))
+
+    def test_events_on_http10_are_raw_and_closed(self):
+        with Conn(self.server) as conn:
+            conn.send("POST", "/process", {"alias": "ev10", "cmd": "sh", "args": MIXED},
+                      headers=EVENTS, version="HTTP/1.0")
+            status, _, headers, _ = conn.head()
+            self.assertEqual((status, headers["connection"]), (200, "close"))
+            self.assertNotIn("transfer-encoding", headers)
+            body = conn.file.read()   # to the end of the connection
+        output, end = output_of(parse_events(body.decode("utf-8"))[0])
+        self.assertEqual((output, end), (MIXED_BYTES, {"exit_code": 3, "reason": "exit"}))
+
+    def test_a_silent_child_gets_keepalive_comments(self):
+        server = Server(prelude="rexec.EVENT_KEEPALIVE = 0.2")
+        self.addCleanup(server.stop)
+        response, events, comments = self.events(
+            {"alias": "quiet", "cmd": "sh", "args": ["-c", "sleep 1.2; echo done"]}, server)
+        self.assertGreaterEqual(comments, 3)
+        self.assertIn(b": keepalive\n\n", response.body)
+        self.assertEqual(output_of(events), (b"done\n", {"exit_code": 0, "reason": "exit"}))
+        self.assertTrue(response.body.index(b": keepalive") < response.body.index(b"event:"))
+
+    def test_every_reason_arrives_in_the_exit_event_and_the_json_answer(self):
+        for accept in (EVENTS, JSON_ANSWER):
+            with self.subTest(accept=accept["Accept"]):
+                response = run(self.server, {"alias": "t", "cmd": "sh", "timeout": 0.5,
+                                             "args": ["-c", "echo a; sleep 300"]}, headers=accept)
+                self.assertEqual(self.ending(response, accept),
+                                 (b"a\n", {"exit_code": -15, "reason": "timeout"}))
+                conn = Conn(self.server)
+                self.addCleanup(conn.close)
+                conn.send("POST", "/process", {"alias": "k", "cmd": "sleep", "args": ["300"]},
+                          headers=accept)
+                self.running_pid("k")
+                with Conn(self.server) as other:
+                    self.assertEqual(other.request("DELETE", "/process/k").status, 200)
+                self.assertEqual(self.ending(conn.response(), accept),
+                                 (b"", {"exit_code": -15, "reason": "killed"}))
+        server = Server()
+        streams = []
+        for accept in (EVENTS, JSON_ANSWER):
+            conn = Conn(server)
+            self.addCleanup(conn.close)
+            alias = accept["Accept"].replace("/", "-")
+            conn.send("POST", "/process", {"alias": alias, "cmd": "sh",
+                                           "args": ["-c", "echo up; sleep 300"]}, headers=accept)
+            self.running_pid(alias, server)
+            streams.append((conn, accept))
+        time.sleep(0.2)   # "up" written
+        self.assertEqual(server.stop(), 0)
+        for conn, accept in streams:
+            self.assertEqual(self.ending(conn.response(), accept),
+                             (b"up\n", {"exit_code": -15, "reason": "shutdown"}))
+
+    def ending(self, response, accept):
+        """(output, {"exit_code", "reason"}) of an event stream or a JSON answer."""
+        self.assertEqual(response.status, 200)
+        if accept is EVENTS:
+            return output_of(parse_events(response.body.decode("utf-8"))[0])
+        answer = response.json()
+        self.assertFalse(answer["truncated"])
+        return answer["output"].encode("utf-8"), {k: answer[k] for k in ("exit_code", "reason")}
+
+    def test_refusals_stay_plain_answers(self):
+        for accept in (EVENTS, JSON_ANSWER):
+            with self.subTest(accept=accept["Accept"]):
+                response = run(self.server, {"alias": "x", "cmd": "/no/such"}, headers=accept)
+                self.assertEqual(response.status, 404)
+                self.assertEqual(response.headers["content-type"], "text/plain; charset=utf-8")
+                self.assertEqual(response.body.count(b"\n"), 1)
+                self.assertEqual(run(self.server, {"alias": "x"}, headers=accept).status, 400)
+
+    def test_fields_stdin_stderr_and_tty_in_both(self):
+        spec = {"alias": "f", "cmd": "sh", "stdin": "in\n", "stderr": "merge",
+                "args": ["-c", "cat; echo err >&2"]}
+        tty = {"alias": "tty", "cmd": "sh", "tty": True, "args": ["-c", "[ -t 1 ] && echo yes"]}
+        for accept in (EVENTS, JSON_ANSWER):
+            with self.subTest(accept=accept["Accept"]):
+                self.assertEqual(self.ending(run(self.server, spec, headers=accept), accept),
+                                 (b"in\nerr\n", {"exit_code": 0, "reason": "exit"}))
+                self.assertEqual(self.ending(run(self.server, tty, headers=accept), accept),
+                                 (b"yes\n", {"exit_code": 0, "reason": "exit"}))
+
+    def test_json_answer(self):
+        response = run(self.server, {"alias": "j", "cmd": "sh", "args": MIXED},
+                       headers=JSON_ANSWER)
+        self.assertEqual(response.headers["content-type"], "application/json")
+        self.assertEqual(int(response.headers["content-length"]), len(response.body))
+        self.assertEqual(response.json(), {
+            "alias": "j", "exit_code": 3, "reason": "exit", "truncated": False,
+            "output_base64": base64.b64encode(MIXED_BYTES).decode("ascii")})
+        text = run(self.server, {"alias": "j", "cmd": "printf", "args": ["héllo\\n"]},
+                   headers=JSON_ANSWER)
+        self.assertEqual(text.json(), {"alias": "j", "exit_code": 0, "reason": "exit",
+                                       "output": "héllo\n", "truncated": False})
+        # keep-alive goes on after it
+        with Conn(self.server) as conn:
+            for _ in range(2):
+                answer = conn.request("POST", "/process", {"alias": "again", "cmd": "echo"},
+                                      headers=JSON_ANSWER)
+                self.assertEqual(answer.json()["output"], "\n")
+
+    def test_json_output_beyond_max_output_is_dropped_not_held(self):
+        server = Server("--max-output", "1000")
+        self.addCleanup(server.stop)
+        # 64 MiB of output in lines of 3 bytes (é is 2): the 1000th byte begins an é
+        response = run(server, {"alias": "big", "cmd": "sh", "args": [
+            "-c", "yes é | head -c 67108864"]}, headers=JSON_ANSWER)
+        answer = response.json()
+        self.assertTrue(answer["truncated"])
+        self.assertEqual(answer["output"], "é\n" * 333)   # 999 bytes: whole characters
+        rss = proc_status(server.proc.pid, "VmHWM")
+        self.assertLess(rss, 64 << 20, "the output was held")
+
+    def test_a_json_client_that_leaves_kills_the_group(self):
+        conn = Conn(self.server)
+        conn.send("POST", "/process", {"alias": "gone", "cmd": "sleep", "args": ["300"]},
+                  headers=JSON_ANSWER)
+        pid = self.running_pid("gone")
+        conn.close()
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)), "sleep outlived its client")
+        self.server.wait_log(r"end alias=gone .*reason=disconnect")
+
+    def test_accept_chooses_by_quality(self):
+        for accept, expected in (("*/*", "application/octet-stream"),
+                                 ("text/event-stream;q=0.5, application/json", "application/json"),
+                                 ("application/octet-stream, text/event-stream;q=0.9",
+                                  "application/octet-stream"),
+                                 ("TEXT/EVENT-STREAM", "text/event-stream; charset=utf-8"),
+                                 ("text/event-stream;q=0", "application/octet-stream")):
+            with self.subTest(accept=accept):
+                response = run(self.server, {"alias": "q", "cmd": "true"},
+                               headers={"Accept": accept})
+                self.assertEqual(response.headers["content-type"], expected)
+
+    def test_events_and_json_over_tls(self):
+        if not OPENSSL:
+            self.skipTest("no openssl to make a certificate with")
+        cert, key = throwaway_cert(self.tmp)
+        server = Server("--certfile", cert, "--keyfile", key)
+        self.addCleanup(server.stop)
+        for accept in (EVENTS, JSON_ANSWER):
+            with self.subTest(accept=accept["Accept"]):
+                sock = client_tls_context().wrap_socket(server.connect())
+                with Conn(server, sock=sock) as conn:
+                    response = conn.request("POST", "/process",
+                                            {"alias": "tls", "cmd": "sh", "args": MIXED},
+                                            headers=accept)
+                if accept is EVENTS:
+                    self.assertEqual(output_of(parse_events(response.body.decode())[0]),
+                                     (MIXED_BYTES, {"exit_code": 3, "reason": "exit"}))
+                else:
+                    self.assertEqual(base64.b64decode(response.json()["output_base64"]),
+                                     MIXED_BYTES)
+
+    def test_urllib_reads_the_events_and_the_json_answer(self):
+        import urllib.request
+        body = json.dumps({"alias": "u", "cmd": "sh", "args": MIXED}).encode()
+        url = "http://127.0.0.1:%d/process" % self.server.port
+        request = urllib.request.Request(url, body, headers=EVENTS)
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            lines = [line.decode("utf-8") for line in answer]   # as they come in
+        output, end = output_of(parse_events("".join(lines))[0])
+        self.assertEqual((output, end), (MIXED_BYTES, {"exit_code": 3, "reason": "exit"}))
+        request = urllib.request.Request(url, body, headers=JSON_ANSWER)
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            self.assertEqual(json.load(answer)["exit_code"], 3)
+
+    def test_the_readmes_one_liners(self):
+        """The README's table of clients, run as written there (with this port)."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        section = readme[readme.index("### How each client learns the exit status"):]
+        section = section[:section.index("\n## ")]
+        blocks = {name: code for _, name, code in
+                  re.findall(r"```(\w+)\n(?:#|//) (\w+)\n(.*?)```", section, re.S)}
+        port = str(self.server.port)
+
+        def sh(name, *prefix):
+            script = blocks[name].replace("8910", port)
+            if prefix and not shutil.which(prefix[0]):
+                self.skipTest("no %s here" % prefix[0])
+            return subprocess.run(list(prefix) + [script] if prefix else
+                                  ["sh", "-c", script], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(set(blocks), {"curl", "jq", "python", "node"})
+        for name, prefix in (("curl", ()), ("jq", ()), ("python", (sys.executable, "-c")),
+                             ("node", ("node", "-e"))):
+            with self.subTest(client=name):
+                if name in ("curl", "jq") and not shutil.which(name):
+                    continue
+                done = sh(name, *prefix)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertIn(b"exit code 3", done.stdout, done.stdout)
 
 
 # ==========================================================================
