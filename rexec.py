@@ -108,6 +108,7 @@ LOGGED_PATH = 200            # characters of a path an access line keeps: no log
                              # outgrow its request, an unauthorized one least of all
 LINGER_TIME = 1.0            # seconds spent discarding an unread body before closing
 THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in little memory
+WARM_IDLE = 10.0             # seconds a connection's thread waits for the next one, then exits
 LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
 ACCEPT_PAUSE = 0.1           # seconds without accepting while out of descriptors (EMFILE)
 DRAIN_SLACK = 5.0            # seconds a stop waits past the grace for streams to send their end
@@ -2132,6 +2133,58 @@ except AttributeError:  # Python 3.6
         daemon_threads = True
 
 
+class WarmThreads:
+    """A thread for each connection, taken warm when one is idle: starting a
+    thread costs more than handing it work, and a burst of short requests
+    needs only as many as run at once.  serve(request, client_address) runs on
+    it; a thread left without a connection for WARM_IDLE seconds exits, so
+    1000 streams are 1000 threads while they run and none soon after."""
+
+    def __init__(self, serve):
+        self._serve = serve
+        self._idle = []                 # _Handoff of each waiting thread, the warmest last
+        self._lock = threading.Lock()
+
+    def submit(self, request, client_address):
+        with self._lock:
+            handoff = self._idle.pop() if self._idle else None
+        if handoff is None:
+            threading.Thread(target=self._run, args=(_Handoff(), (request, client_address)),
+                             name="rexec-connection", daemon=True).start()
+        else:
+            handoff.job = (request, client_address)
+            handoff.ready.release()
+
+    def idle_count(self):
+        with self._lock:
+            return len(self._idle)
+
+    def _run(self, handoff, job):
+        while job is not None:
+            self._serve(*job)
+            with self._lock:
+                self._idle.append(handoff)
+            if not handoff.ready.acquire(timeout=WARM_IDLE):
+                with self._lock:
+                    if handoff in self._idle:   # nothing came: this thread ends
+                        self._idle.remove(handoff)
+                        return
+                handoff.ready.acquire()   # submit() took it just now: its job comes
+            job, handoff.job = handoff.job, None
+
+
+class _Handoff:
+    """How WarmThreads hands a connection to a waiting thread: `ready` is
+    released once `job` is set."""
+
+    __slots__ = ("job", "ready")
+
+    def __init__(self):
+        self.job = None
+        self.ready = threading.Lock()
+        self.ready.acquire()
+
+
 class RexecServer(_ThreadingHTTPServer):
     """A thread per connection; processes tracked in a shared registry.
 
@@ -2153,6 +2206,7 @@ class RexecServer(_ThreadingHTTPServer):
         self.registry = Registry(options.max_procs)
         self.metrics = Metrics()
         self._streams = set()          # the connections of the streams in progress
+        self.threads = WarmThreads(self.process_request_thread)
         self._streams_done = threading.Condition()
         if ":" in options.ip:
             self.address_family = socket.AF_INET6
@@ -2222,6 +2276,10 @@ class RexecServer(_ThreadingHTTPServer):
                 if not isinstance(client_address, tuple):   # a Unix socket's peer: "" or b""
                     client_address = (UNIX_PEER, 0)
                 self._process(request, client_address)
+
+    def process_request(self, request, client_address):
+        """On a thread of its own, warm if one is idle (ThreadingMixIn starts one each time)."""
+        self.threads.submit(request, client_address)
 
     def _process(self, request, client_address):
         """socketserver's own steps for an accepted connection."""

@@ -3632,6 +3632,49 @@ class AnswerTests(ServerTestCase):
                 self.assertIn(b"exit code 3", done.stdout, done.stdout)
 
 
+# --------------------------------------------------------------------------
+# The request path: warm threads (issue 18)
+# --------------------------------------------------------------------------
+
+def thread_count(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        return int(re.search(r"Threads:\s+(\d+)", handle.read()).group(1))
+
+
+class WarmThreadTests(unittest.TestCase):
+
+    def test_1000_concurrent_streams_then_back_to_the_idle_thread_count(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 2200:
+            self.skipTest("RLIMIT_NOFILE's hard limit %d is too low for 1000 streams" % hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2200), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        server = Server(prelude="rexec.WARM_IDLE = 1.0")
+        self.addCleanup(server.stop)
+        for _ in range(3):   # a warm thread serves one connection after another
+            self.assertEqual(run(server, {"alias": "w", "cmd": "true"}).status, 200)
+        idle = thread_count(server.proc.pid)
+        conns = []
+        self.addCleanup(lambda: [conn.close() for conn in conns])
+        for number in range(1000):
+            conn = Conn(server, timeout=60)
+            conns.append(conn)
+            conn.send("POST", "/process", {"alias": "w%d" % number, "cmd": "sleep",
+                                           "args": ["60"]})
+        for conn in conns:   # every head: every stream runs at once, each on its thread
+            self.assertEqual(conn.head()[0], 200)
+        self.assertGreaterEqual(thread_count(server.proc.pid), 1000)
+        with Conn(server, timeout=60) as conn:
+            self.assertEqual(len(conn.request("GET", "/process").json()), 1000)
+        for conn in conns:
+            conn.close()
+        conns.clear()
+        self.assertTrue(wait_for(lambda: thread_count(server.proc.pid) <= idle, timeout=60),
+                        "%d threads, %d before" % (thread_count(server.proc.pid), idle))
+        self.assertEqual(run(server, {"alias": "w", "cmd": "echo", "args": ["after"]}).body,
+                         b"after\n")
+
+
 # ==========================================================================
 # Benchmark (issue 6): python3 test_rexec.py bench [--quick] [--json FILE]
 #                                                    [--only PARTS]
