@@ -41,8 +41,10 @@ import argparse
 import base64
 import collections
 import contextlib
+import email.utils
 import errno
 import fcntl
+import functools
 import hmac
 import http.client
 import http.server
@@ -1535,6 +1537,7 @@ class DeadlineReader(io.RawIOBase):
         return self.sock.recv_into(buffer)
 
 
+@functools.lru_cache(maxsize=1024)   # asked of every request; peers and hosts repeat
 def is_loopback(host):
     """True for a peer on this host: a loopback address, or a Unix-socket peer."""
     if host == UNIX_PEER:
@@ -1547,6 +1550,7 @@ def is_loopback(host):
     return (mapped or address).is_loopback
 
 
+@functools.lru_cache(maxsize=1024)
 def is_literal_host(host):
     """True when a Host header names an IP address or localhost (a port may follow):
     a name that DNS could rebind to 127.0.0.1 is anything else."""
@@ -1611,6 +1615,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"   # refusals of unparsable lines get a status line
     timeout = REQUEST_TIMEOUT       # socket timeout; DeadlineReader bounds a whole request
     unread_body = False             # a refusal left body bytes unread: linger, then close
+    _stream_heads = {}              # a stream's response head but its first lines, by kind
 
     def setup(self):
         context = self.server.ssl_context
@@ -2048,13 +2053,34 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             self.connection.settimeout(self.timeout)
 
     def _send_stream_head(self, writer):
-        encoder = writer.encoder
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", getattr(encoder, "content_type",
-                                                 "application/octet-stream"))
-        for name, value in getattr(encoder, "headers", ()) + writer.headers:
-            self.send_header(name, value)
-        self.end_headers()
+        """A stream's response head, in one write: all of it but the Date is
+        the same for every stream with the same writer and encoder."""
+        kind = (type(writer), type(writer.encoder))
+        fields = self._stream_heads.get(kind)
+        if fields is None:
+            encoder = writer.encoder
+            fields = [("Content-Type", getattr(encoder, "content_type",
+                                               "application/octet-stream"))]
+            fields += getattr(encoder, "headers", ()) + writer.headers
+            fields = self._stream_heads[kind] = "".join(
+                "%s: %s\r\n" % field for field in fields).encode("latin-1") + b"\r\n"
+        self.log_request(HTTPStatus.OK)
+        self.wfile.write(("%s 200 OK\r\nServer: %s\r\nDate: %s\r\n" % (
+            self.protocol_version, self.version_string(), self.date_time_string())
+        ).encode("latin-1") + fields)
+
+    _date = (None, "")   # (the second, its Date header): formatdate() costs more than this
+
+    def date_time_string(self, timestamp=None):
+        """The Date header's value, made once a second."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        made, text = RexecHandler._date
+        if made != second:
+            text = email.utils.formatdate(second, usegmt=True)
+            RexecHandler._date = (second, text)
+        return text
 
     def list_processes(self):
         """GET /process: the running processes, oldest first."""
