@@ -41,6 +41,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import difflib
 import email.utils
 import errno
 import fcntl
@@ -52,7 +53,6 @@ import io
 import ipaddress
 import json
 import logging
-import math
 import mmap
 import os
 import pty
@@ -385,7 +385,7 @@ class BodyWriter:
                 self._queue_frame(self.encoder.encode(view[HEAD_ROOM:HEAD_ROOM + size]))
         self.sent += size
         if log.isEnabledFor(TRACE):
-            log.log(TRACE, "chunk alias=%s bytes=%d", printable(self.label), size)
+            log_event(TRACE, "chunk", alias=self.label, bytes=size)
         self.flush()
         return size
 
@@ -687,6 +687,25 @@ def json_depth(body):
     return deepest
 
 
+def did_you_mean(word, names):
+    """' (did you mean 'NAME'?)' for the name in `names` closest to `word`, or ''."""
+    close = difflib.get_close_matches(word, names, 1)
+    return " (did you mean %r?)" % close[0] if close else ""
+
+
+def unknown_names_message(kind, unknown, names):
+    """'unknown field 'timout' (did you mean 'timeout'?)' for the `unknown` names
+    of a `kind`; with no close match, the list of the valid `names` instead."""
+    shown = ", ".join(map(repr, unknown[:5])) + (" and %d more" % (len(unknown) - 5)
+                                                 if len(unknown) > 5 else "")
+    hints = [difflib.get_close_matches(word, names, 1) for word in unknown[:5]]
+    hints = [close[0] for close in hints if close]
+    return "unknown %s%s %s%s" % (
+        kind, "s" if len(unknown) > 1 else "", shown,
+        " (did you mean %s?)" % " or ".join(map(repr, hints)) if hints
+        else "; the %ss are %s" % (kind, ", ".join(names)))
+
+
 def parse_spec(body):
     """Turn a request body into a ProcessSpec, or raise Refused(400) naming the problem.
 
@@ -714,7 +733,7 @@ def parse_spec(body):
         raise Refused(bad, "the body must be a JSON object")
     unknown = sorted(set(obj) - set(SPEC_FIELDS))
     if unknown:
-        raise Refused(bad, "unknown field(s): %s" % ", ".join(map(repr, unknown)))
+        raise Refused(bad, unknown_names_message("field", unknown, SPEC_FIELDS))
 
     args = obj.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
@@ -1427,6 +1446,16 @@ class Metrics:
 # Logging
 # --------------------------------------------------------------------------
 
+# Every event a line can be (README, Logging); a test holds each log_event() to it.
+LOG_EVENTS = (
+    "serving", "protected-mode", "no-auth", "token-file-mode", "token-env-ignored",   # start
+    "request", "start", "spawn-failed", "end", "access", "chunk", "stderr",   # a request
+    "auth-failed", "client-left", "client-flood", "http-error", "connection-ended",
+    "internal-error", "connection-error", "accept-paused",                    # trouble
+    "signal-ignored", "stopping", "stop-now", "stopped",                      # signals, stop
+)
+
+
 def one_line(text):
     """`text` with each character that is not printable written as Python writes
     it in a literal (\\n, \\x1b, \\x9b, \\u2028, \\udcff): one line that cannot move a
@@ -1449,9 +1478,26 @@ def printable(value):
     return '"%s"' % one_line(text.replace("\\", "\\\\").replace('"', '\\"'))
 
 
+class Duration(float):
+    """Seconds, rounded to the millisecond: a number in JSON, '0.010s' in text."""
+
+    __slots__ = ()
+
+    def __new__(cls, seconds):
+        return super().__new__(cls, round(seconds, 3))
+
+    def __str__(self):
+        return "%.3fs" % self
+
+    @classmethod
+    def since(cls, start):
+        """The time from monotonic clock reading `start` to now."""
+        return cls(time.monotonic() - start)
+
+
 class Event:
-    """A log record's message: an event name and its fields, rendered as
-    'event k=v ...' only when a text handler formats it."""
+    """A log record's message: an event name (one of LOG_EVENTS) and its fields,
+    rendered as 'event k=v ...' only when a text handler formats it."""
 
     __slots__ = ("event", "fields")
 
@@ -1470,20 +1516,25 @@ def logged_path(path):
     return path if len(path) <= LOGGED_PATH else path[:LOGGED_PATH] + "..."
 
 
-def log_event(level, event, **fields):
-    """One log line: 'event k=v ...' as text, or the fields as a JSON object."""
-    log.log(level, Event(event, fields))
+def log_event(level, event, exc_info=False, **fields):
+    """One log line: 'event k=v ...' as text, or one JSON object (see JsonFormatter).
+    `exc_info`: the exception being handled goes with it, as a traceback."""
+    log.log(level, Event(event, fields), exc_info=exc_info)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers."""
+    """One JSON object per line, for log shippers, of one shape for every line:
+    time (seconds since the epoch), level, event, then the event's fields, and
+    `traceback` for an ERROR.  Numbers stay numbers (a Duration is seconds)."""
 
     def format(self, record):
         entry = {"time": round(record.created, 3), "level": record.levelname.lower()}
         if isinstance(record.msg, Event):
             entry["event"] = record.msg.event
-            entry.update(record.msg.fields)
-        else:
+            for name, value in record.msg.fields.items():
+                entry.setdefault(name, value)   # a field cannot overwrite time, level, event
+        else:   # a line that did not come through log_event: a bug, but still one shape
+            entry["event"] = "message"
             entry["message"] = record.getMessage()
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
@@ -1866,10 +1917,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         except Exception as exc:
             self.close_connection = True
             if is_peer_gone(exc):   # it left before its answer: a probe that hung up, say
-                log.debug("client left before its answer: %s", exc)
+                log_event(logging.DEBUG, "client-left", before="answer",
+                          error=describe_error(exc))
                 return
-            log.exception("internal error serving %s %s", self.command,
-                          printable(logged_path(self.path)))
+            log_event(logging.ERROR, "internal-error", exc_info=True, method=self.command,
+                      path=logged_path(self.path))   # a query may hold secrets
             if self.status is None:
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR,
                                "internal error; see the server log")
@@ -2014,7 +2066,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             self.server.metrics.count_exit(ending.reason, writer.sent)
             log_event(logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
                       exit=ending.exit_code, reason=ending.reason,
-                      duration="%.3fs" % (time.monotonic() - proc.started_mono),
+                      duration=Duration.since(proc.started_mono),
                       bytes=writer.sent)
 
     def _pump(self, stream):
@@ -2028,7 +2080,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 if collected is None:
                     self._send_stream_head(writer)
             except OSError as exc:  # gone already; the stream still ends the group
-                log.debug("client left before the stream began: %s", exc)
+                log_event(logging.DEBUG, "client-left", before="stream",
+                          error=describe_error(exc))
                 stream.lose_client()
             self.connection.setblocking(False)
             stream.run()
@@ -2151,14 +2204,14 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.status = code    # the access line is written once the response is done
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), one_line(fmt % args))
+        log_event(logging.DEBUG, "http-error", peer=self.address_string(), message=fmt % args)
 
     def _log_access(self):
         status = int(self.status)
         self.server.metrics.count_request(status)
         log_event(logging.INFO, "access", peer=self.client_address[0], method=self.command or "-",
                   path=logged_path(self.path) if self.command else "-", status=status,
-                  bytes=self.sent, duration="%.3fs" % (time.monotonic() - self.begun),
+                  bytes=self.sent, duration=Duration.since(self.begun),
                   alias=self.alias or "-")
 
 
@@ -2286,14 +2339,14 @@ class RexecServer(_ThreadingHTTPServer):
             self.server_address = self.socket.getsockname()
 
     def describe_address(self):
-        """(where it listens, for a log line; its URL)."""
+        """(where it listens, as log fields: host and port, or socket; its URL)."""
         scheme = "https" if self.ssl_context else "http"
         if self.address_family == getattr(socket, "AF_UNIX", None):
             path = self.server_address
             path = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
-            return "Unix socket %s" % path, "%s+unix://%s" % (scheme, urllib.parse.quote(path, ""))
+            return {"socket": path}, "%s+unix://%s" % (scheme, urllib.parse.quote(path, ""))
         host, port = self.server_address[:2]
-        return ("%s port %d" % (host, port),
+        return ({"host": host, "port": port},
                 "%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, port))
 
     def server_bind(self):
@@ -2333,7 +2386,7 @@ class RexecServer(_ThreadingHTTPServer):
                         raise
                     if not starved:
                         log_event(logging.WARNING, "accept-paused", error=exc.strerror,
-                                  seconds=ACCEPT_PAUSE)
+                                  pause=Duration(ACCEPT_PAUSE))
                     starved = True
                     sel.unregister(self.socket)
                     pause = ACCEPT_PAUSE
@@ -2361,9 +2414,10 @@ class RexecServer(_ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if is_peer_gone(exc) or isinstance(exc, (socket.timeout, ClientDisconnected)):
-            log.debug("connection from %s ended: %s", client_address[0], exc)
+            log_event(logging.DEBUG, "connection-ended", peer=client_address[0],
+                      error=describe_error(exc))
         else:
-            log.error("error on the connection from %s", client_address[0], exc_info=True)
+            log_event(logging.ERROR, "connection-error", exc_info=True, peer=client_address[0])
 
     @contextlib.contextmanager
     def stream_tracker(self, connection):
@@ -2467,70 +2521,140 @@ def raise_fd_limit():
 # Command line
 # --------------------------------------------------------------------------
 
+CLIENT_COMMANDS = ("run", "ps", "kill")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument costs one line and exit status 2."""
+    """argparse, but a bad argument costs one line and exit status 2, which says
+    what is wrong and what would be right: the limits of a value, the closest
+    name to a mistyped option or command (see unrecognized())."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        self.option_names = []   # for suggestions: argparse keeps its own list private
+        self.commands = {}       # a client parser's subcommand parsers, by name
+        self.strays = ()         # the words a stray argument may have been meant as
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.option_names.extend(action.option_strings)
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        options, extras = self.parse_known_args(args, namespace)
+        if extras:   # said by the parser of the subcommand they were given to
+            parser = self.commands.get(getattr(options, "command", None), self)
+            parser.error(parser.unrecognized(extras))
+        return options
+
+    def unrecognized(self, extras):
+        """What is wrong with the first of the arguments no option or positional took."""
+        word = extras[0]
+        if word.startswith("-") and word != "-":
+            name = word.split("=", 1)[0]
+            return "unknown option %r%s" % (name, did_you_mean(name, self.option_names))
+        close = did_you_mean(word, self.strays)
+        if close:
+            return "unknown command %r%s" % (word, close)
+        if self.strays:
+            return ("unexpected argument %r (the server takes options only; the client "
+                    "commands are %s)" % (word, ", ".join(self.strays)))
+        return "unexpected argument %r" % word
 
     def error(self, message):
-        self.exit(2, "%s: %s (see --help)\n" % (self.prog, one_line(message)))
+        # "argument --grace: must be 0 to 3600 seconds" -> "--grace must be ..."
+        message = re.sub(r"\Aargument (\S+): (must )?", lambda match: match.group(1) + (
+            " must " if match.group(2) else ": "), message)
+        self.exit(2, "%s: %s; see --help\n" % (self.prog, one_line(message)))
+
+
+SERVER_USAGE = """%(prog)s [-h] [-i IP] [-p PORT] [-v | -vv] [--grace S] [--max-procs N]
+             [--token-file FILE] [--no-auth] [--certfile FILE [--keyfile FILE]]
+             [--client-ca FILE] [--allow CMD]... [--log-format {text,json}] [--version]"""
+
+SERVER_EXAMPLES = """\
+examples:
+  rexec.py -i 127.0.0.1                  serve this host only, on port 8910
+  REXEC_TOKEN=$(cat /etc/rexec/token) rexec.py
+                                         serve whoever sends the token (any address)
+  rexec.py --token-file /etc/rexec/token --certfile cert.pem --keyfile key.pem
+                                         HTTPS, the token read from a file
+  rexec.py -p 0 -v --log-format json     any free port, requests logged, JSON lines
+  rexec.py --allow /usr/bin/uptime --allow df
+                                         run nothing but these two commands
+
+The client is this file too: rexec.py run|ps|kill --help."""
 
 
 def server_arguments():
-    parser = ArgumentParser(prog="rexec", description="Run processes for HTTP clients and "
-                            "stream their stdout.  Client: rexec.py run|ps|kill --help.")
+    parser = ArgumentParser(prog="rexec", usage=SERVER_USAGE, epilog=SERVER_EXAMPLES,
+                            description="Run processes for HTTP clients and stream their "
+                            "stdout (README.md says it all).")
+    parser.strays = CLIENT_COMMANDS   # `rexec.py rum`: the client was meant
     parser.add_argument("-i", "--ip", default=DEFAULT_IP,
-                        help="address to bind (default %(default)s)")
+                        help="address to bind, IPv4 or IPv6 (default %(default)s)")
     parser.add_argument("-p", "--port", type=port_number, default=DEFAULT_PORT,
-                        help="port to bind, 0 for any (default %(default)s)")
+                        help="port to bind, 0 for any free one (default %(default)s)")
     parser.add_argument("-v", dest="verbosity", action="count", default=0,
-                        help="-v logs requests and details, -vv every chunk")
-    parser.add_argument("--grace", type=grace_seconds, default=DEFAULT_GRACE,
-                        help="seconds between SIGTERM and SIGKILL, at most %d "
+                        help="-v also logs each request's details, -vv every chunk too "
+                        "(default: start, end and access lines, warnings)")
+    parser.add_argument("--grace", type=grace_seconds, default=DEFAULT_GRACE, metavar="S",
+                        help="seconds between SIGTERM and SIGKILL, 0 to %d "
                         "(default %%(default)s)" % MAX_GRACE)
-    parser.add_argument("--token-file", help="file whose first line is the bearer token "
-                        "(or set REXEC_TOKEN)")
+    parser.add_argument("--token-file", metavar="FILE", help="file whose first line is the "
+                        "bearer token (or set REXEC_TOKEN)")
     parser.add_argument("--no-auth", action="store_true",
                         help="serve every peer without a token (dangerous beyond loopback)")
-    parser.add_argument("--certfile", help="PEM certificate chain: serve HTTPS")
-    parser.add_argument("--keyfile", help="PEM private key for --certfile")
-    parser.add_argument("--client-ca", help="PEM CA bundle: require client certificates it signed")
+    parser.add_argument("--certfile", metavar="FILE", help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--keyfile", metavar="FILE",
+                        help="PEM private key for --certfile (else it is in --certfile)")
+    parser.add_argument("--client-ca", metavar="FILE",
+                        help="PEM CA bundle: require client certificates it signed")
     parser.add_argument("--allow", action="append", metavar="CMD",
                         help="allow only this cmd, exactly as sent (repeatable)")
     parser.add_argument("--max-procs", type=positive_int, default=DEFAULT_MAX_PROCS,
-                        help="processes running at once before 503 (default %(default)s)")
+                        metavar="N", help="processes running at once before 503 "
+                        "(default %(default)s)")
     parser.add_argument("--max-output", type=positive_int, default=DEFAULT_MAX_OUTPUT,
                         metavar="BYTES", help="output a JSON answer (Accept: application/json) "
                         "holds; the rest is dropped (default %(default)s)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text: 'TIME LEVEL event key=value ...' lines (the default); "
+                        "json: one JSON object a line, {time, level, event, fields...}")
     parser.add_argument("--version", action="version", version="rexec " + __version__)
     return parser
 
 
-def port_number(text):
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(text)
-    return port
-
-
-def seconds(text):
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(text)
+def checked_number(text, convert, accept, must):
+    """convert(text), if accept() takes it; else an ArgumentTypeError "must ..., not 'text'"."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not accept(value):
+        raise argparse.ArgumentTypeError("%s, not %r" % (must, text))
     return value
+
+
+def port_number(text):
+    return checked_number(text, int, lambda port: 0 <= port <= 65535,
+                          "must be a port number, 0 to 65535 (0: any free port)")
 
 
 def grace_seconds(text):
-    value = seconds(text)
-    if value > MAX_GRACE:
-        raise ValueError(text)
-    return value
+    return checked_number(text, float, lambda value: 0 <= value <= MAX_GRACE,
+                          "must be 0 to %d seconds" % MAX_GRACE)
+
+
+def timeout_seconds(text):
+    """A run --timeout: what parse_spec() takes, so that no request is sent to be refused."""
+    return checked_number(text, float, lambda value: 0 < value <= MAX_TIMEOUT,
+                          "must be more than 0 and at most %d seconds (365 days)" % MAX_TIMEOUT)
 
 
 def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+    return checked_number(text, int, lambda value: value >= 1, "must be a whole number, 1 or more")
 
 
 class ConfigError(Exception):
@@ -2604,10 +2728,12 @@ def load_token(options):
             raise ConfigError("cannot read --token-file %r: %s"
                               % (options.token_file, exc.strerror))
         if mode & 0o077:
-            log.warning("%s is readable by group or others; chmod 600 it", options.token_file)
+            log_event(logging.WARNING, "token-file-mode", file=options.token_file,
+                      mode="%04o" % stat.S_IMODE(mode), why="readable by group or others; "
+                      "chmod 600 it")
         source = "--token-file"
         if env_token is not None:
-            log.warning("REXEC_TOKEN is ignored: --token-file holds the token")
+            log_event(logging.WARNING, "token-env-ignored", why="--token-file holds the token")
     elif env_token is not None:
         token, source = env_token.strip(), "REXEC_TOKEN"
     else:
@@ -2620,6 +2746,64 @@ def load_token(options):
         return token.encode("latin-1")
     except UnicodeEncodeError:
         raise ConfigError("the token must be ASCII or Latin-1 text")
+
+
+def has_pem_certificate(path):
+    """True if `path` holds a certificate in PEM form that ssl can load."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(path)
+    except (OSError, ssl.SSLError):
+        return False
+    return True
+
+
+def load_pem_files(context, chain, key, ca=(None, None)):
+    """Load a certificate chain with its key, and a CA bundle, into `context`;
+    each is (option, path), a path of None for none.  Raises UnusableFile with a
+    line that names the option and the file and says what is wrong with it in
+    words, where OpenSSL says "[SSL] PEM lib (_ssl.c:3905)"."""
+    (chain_option, chain_path), (key_option, key_path), ca_path = chain, key, ca[1]
+    asked = []
+
+    def no_password():   # else OpenSSL asks for one on the terminal, and a service hangs
+        asked.append(True)
+        return b"-"
+
+    if chain_path:
+        try:
+            context.load_cert_chain(chain_path, key_path, password=no_password)
+        except (OSError, ssl.SSLError) as exc:
+            if not isinstance(exc, ssl.SSLError):   # gone, or unreadable, just now
+                raise UnusableFile("%s %r: %s" % (chain_option, chain_path, describe_error(exc)))
+            if not has_pem_certificate(chain_path):
+                raise UnusableFile("%s %r: no certificate in PEM form (-----BEGIN CERTIFICATE"
+                                   "-----)" % (chain_option, chain_path))
+            option, path = key if key_path else chain
+            if asked:
+                problem = "the private key is encrypted; rexec needs it unencrypted"
+            elif getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+                problem = "the private key is not the key of %s's certificate" % chain_option
+            elif key_path:
+                problem = ("not a private key in PEM form, or not the key of %s"
+                           % chain_option)
+            else:
+                problem = "no private key in PEM form after the certificate (or give %s)" % (
+                    key_option)
+            raise UnusableFile("%s %r: %s" % (option, path, problem))
+    if ca_path:
+        try:
+            context.load_verify_locations(ca_path)
+        except (OSError, ssl.SSLError) as exc:
+            raise unusable_ca(ca, exc)
+
+
+def unusable_ca(ca, exc):
+    """The UnusableFile for CA bundle `ca` (option, path) that ssl failed to load with `exc`."""
+    option, path = ca
+    if not isinstance(exc, ssl.SSLError):   # gone, or unreadable, just now
+        return UnusableFile("%s %r: %s" % (option, path, describe_error(exc)))
+    return UnusableFile("%s %r: no CA certificate in PEM form (-----BEGIN CERTIFICATE-----)"
+                        % (option, path))
 
 
 def load_ssl_context(options):
@@ -2640,12 +2824,12 @@ def load_ssl_context(options):
     else:
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     try:
-        context.load_cert_chain(options.certfile, options.keyfile)
-        if options.client_ca:
-            context.load_verify_locations(options.client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("cannot load the TLS files: %s" % exc)
+        load_pem_files(context, ("--certfile", options.certfile), ("--keyfile", options.keyfile),
+                       ("--client-ca", options.client_ca))
+    except UnusableFile as exc:
+        raise ConfigError("cannot load %s" % exc)
+    if options.client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
@@ -2678,20 +2862,19 @@ def serve(argv):
               % (options.ip, options.port, getattr(exc, "strerror", None) or exc), file=sys.stderr)
         return 2
     where, url = server.describe_address()
-    log_event(logging.INFO, "Serving on %s" % where, url=url)
-    if isinstance(server.server_address, tuple):
-        host, reach = server.server_address[0], "port %d" % server.server_address[1]
-    else:
-        host, reach = UNIX_PEER, where
+    log_event(logging.INFO, "serving", **dict(where, url=url))
+    host = where.get("host", UNIX_PEER)
     if options.no_auth and not is_loopback(host):
-        log.warning("--no-auth: anyone who can reach %s may run any command", reach)
+        log_event(logging.WARNING, "no-auth",
+                  **dict(where, why="anyone who can reach it may run any command"))
     elif options.token is None and not is_loopback(host):
-        log.info("protected mode: no token, so only loopback peers are served")
+        log_event(logging.INFO, "protected-mode",
+                  why="no token, so only loopback peers are served")
     server.serve_until(stop_r)
-    log.info("stopping: ending %d process(es)", len(server.registry))
+    log_event(logging.INFO, "stopping", processes=len(server.registry))
     server.drain(stop_r)
     server.server_close()
-    log.info("stopped")
+    log_event(logging.INFO, "stopped")
     return 0
 
 
@@ -2870,15 +3053,19 @@ def run_reporting(url, spec, options, write):
         return 128 + signal.SIGPIPE
 
 
+def host_label(url):
+    """'host:port' of `url`: what a line of one of several servers starts with."""
+    parts = urllib.parse.urlsplit(url)
+    host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
+    return "%s:%d" % (host, parts.port or (443 if parts.scheme == "https" else 80))
+
+
 class PrefixedLines:
     """One host's output when there are several: whole lines only, each one
     prefixed with `host:port: `, so lines of different hosts never mix."""
 
     def __init__(self, url):
-        parts = urllib.parse.urlsplit(url)
-        host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.prefix = ("%s:%d: " % (host, port)).encode("utf-8")
+        self.prefix = ("%s: " % host_label(url)).encode("utf-8")
         self.partial = bytearray()
 
     def write(self, data):
@@ -2902,6 +3089,19 @@ class PrefixedLines:
             write_output(self.prefix + text.replace(b"\n", b"\n" + self.prefix) + b"\n")
 
 
+def on_each(urls, work):
+    """work(index, url) for every URL, each on a thread of its own, all at once;
+    with one URL, on this thread."""
+    if len(urls) == 1:
+        work(0, urls[0])
+        return
+    threads = [threading.Thread(target=work, args=item, daemon=True) for item in enumerate(urls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()   # a signal still interrupts this wait
+
+
 def run_everywhere(options):
     """Run on every --url at once; the highest exit status is the result."""
     # The default alias is valid whatever CMD is: its name's printable characters.
@@ -2912,11 +3112,9 @@ def run_everywhere(options):
         say("alias %s" % spec["alias"])
     for field, value in (("cwd", options.cwd), ("envs", dict(options.env)),
                          ("stdin", options.stdin_text), ("stderr", options.stderr),
-                         ("tty", options.tty)):
+                         ("tty", options.tty), ("timeout", options.timeout)):
         if value:
             spec[field] = value
-    if options.timeout is not None:   # 0 too: the server says why it refuses it
-        spec["timeout"] = options.timeout
     if len(options.url) == 1:
         return run_reporting(options.url[0], spec, options, write_output)
     statuses = [EXIT_LOST] * len(options.url)
@@ -2932,35 +3130,63 @@ def run_everywhere(options):
             say("%s: %s" % (url, exc))
             statuses[index] = exc.status
 
-    threads = [threading.Thread(target=run_one, args=item, daemon=True)
-               for item in enumerate(options.url)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()   # a signal still interrupts this wait
+    on_each(options.url, run_one)
     return max(statuses)
 
 
-def list_processes(options):
-    """ps: a table of what runs on the server."""
-    conn, response = request(options.url, options, "GET", "/process")
+def ask_each(urls, ask):
+    """ask(url) of every server at once: a list, in the order of `urls`, of
+    (0, what it returned) or, for a server that refused or did not answer,
+    (the exit status, None), its failure said in one line on stderr."""
+    answers = [(EXIT_LOST, None)] * len(urls)
+
+    def ask_one(index, url):
+        try:
+            answers[index] = 0, ask(url)
+        except ClientError as exc:
+            say("%s: %s" % (url, exc))
+            answers[index] = exc.status, None
+        except (OSError, http.client.HTTPException) as exc:   # the answer broke off
+            say("%s: the connection broke: %s" % (url, describe_error(exc)))
+            answers[index] = EXIT_LOST, None
+
+    on_each(urls, ask_one)
+    return answers
+
+
+def process_rows(url, options):
+    """GET /process of one server: (alias, pid, age, command) rows, each cell one_line()d."""
+    conn, response = request(url, options, "GET", "/process")
     with contextlib.closing(conn), contextlib.closing(response):
         if response.status != HTTPStatus.OK:
             raise refusal(response)
         try:
             now = time.time()
             # Each cell one_line()d: a server's listing must not reach the terminal raw.
-            rows = [tuple(map(one_line, (p["alias"], p["pid"], format_age(now - p["started"]),
+            return [tuple(map(one_line, (p["alias"], p["pid"], format_age(now - p["started"]),
                                          " ".join(map(shlex.quote, [p["cmd"]] + p["args"])))))
                     for p in load_json(response.read().decode("utf-8"))]
         except (ValueError, KeyError, TypeError):
             raise ClientError(EXIT_REFUSED, "the answer is not a list of processes")
-    rows.insert(0, ("ALIAS", "PID", "AGE", "COMMAND"))
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    table = "".join("  ".join([cell.ljust(width) for cell, width in zip(row, widths)]
-                              + [row[3]]) + "\n" for row in rows)
-    write_output(table.encode("utf-8"))
-    return 0
+
+
+def list_processes(options):
+    """ps: one table of what runs on every --url, with a HOST column when there
+    are several; 0 if every server answered, else the worst exit status."""
+    answers = ask_each(options.url, lambda url: process_rows(url, options))
+    several = len(options.url) > 1
+    rows = [("HOST",) * several + ("ALIAS", "PID", "AGE", "COMMAND")]
+    for url, (_, found) in zip(options.url, answers):
+        if found is not None:
+            if options.verbose:
+                say("%s: %d process(es)" % (url, len(found)))
+            rows.extend((host_label(url),) * several + row for row in found)
+    if any(found is not None for _, found in answers):
+        last = len(rows[0]) - 1
+        widths = [max(len(row[column]) for row in rows) for column in range(last)]
+        write_output("".join("  ".join([cell.ljust(width) for cell, width in zip(row, widths)]
+                                       + [row[last]]) + "\n" for row in rows).encode("utf-8"))
+    return max(status for status, _ in answers)
 
 
 def format_age(seconds):
@@ -2970,29 +3196,64 @@ def format_age(seconds):
     return "%ds" % max(0, seconds)
 
 
-def kill_process(options):
-    """kill: end one process; 0 if it was running, 1 if not."""
+def end_on(url, options):
+    """DELETE /process/ALIAS on one server: (True, its answer) if the alias ran
+    there, (False, its refusal) if not (404)."""
     path = "/process/" + urllib.parse.quote(options.alias, safe="")
     # Answered once the group is dead: after the server's grace, at worst.
-    conn, response = request(options.url, options, "DELETE", path,
+    conn, response = request(url, options, "DELETE", path,
                              answer_within=MAX_GRACE + CONNECT_TIMEOUT)
     with contextlib.closing(conn), contextlib.closing(response):
         if response.status == HTTPStatus.NOT_FOUND:
-            raise refusal(response, 1)
+            return False, str(refusal(response, 1))
         if response.status != HTTPStatus.OK:
             raise refusal(response)
-        if options.verbose:   # {"alias": ..., "exit_code": ...}
-            answer = response.read(MAX_LINE).decode("utf-8", "replace").strip()
-            say("%s: %s" % (options.url, answer))
-    return 0
+        return True, response.read(MAX_LINE).decode("utf-8", "replace").strip()
+
+
+def kill_process(options):
+    """kill: end ALIAS on every --url.  One server: 0 if it ran there, 1 if not
+    (said on stderr).  Several: a line per server that answered on stdout ('ended,
+    exit code N' or 'not running'); 0 if every server answered and it ran on one
+    at least, 1 if it ran on none, else the worst exit status of those that failed."""
+    answers = ask_each(options.url, lambda url: end_on(url, options))
+    if len(options.url) == 1:
+        (status, result), url = answers[0], options.url[0]
+        if result is not None and (options.verbose or not result[0]):
+            say("%s: %s" % (url, result[1]))   # {"alias": ..., "exit_code": ...}, or why not
+        return status if result is None else 0 if result[0] else 1
+    lines = []
+    for url, (_, result) in zip(options.url, answers):
+        if result is not None:
+            lines.append("%s: %s\n" % (host_label(url), describe_end(*result)))
+    write_output("".join(lines).encode("utf-8"))
+    worst = max(status for status, _ in answers)
+    return worst or (0 if any(result[0] for _, result in answers) else 1)
+
+
+def describe_end(ended, answer):
+    """A line for one server of several that kill asked: 'ended, exit code -15'."""
+    if not ended:
+        return "not running"
+    try:
+        return "ended, exit code %s" % load_json(answer)["exit_code"]
+    except (ValueError, KeyError, TypeError):
+        return "ended: %s" % one_line(answer)
 
 
 # -- command line ----------------------------------------------------------
 
 def server_url(text):
+    """A --url (or $REXEC_URL): http:// or https://, a host, a port if any that is not 0."""
     parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
-        raise ValueError(text)
+    try:
+        good = parts.scheme.lower() in ("http", "https") and parts.hostname and parts.port != 0
+    except ValueError:   # a port that is not a number, or above 65535
+        good = False
+    if not good:
+        hint = " (did you mean 'http://%s'?)" % text if "://" not in text and text else ""
+        raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host, "
+                                         "such as %s, not %r%s" % (DEFAULT_URL, text, hint))
     return text
 
 
@@ -3007,46 +3268,95 @@ def alias_text(text):
 def env_pair(text):
     name, equals, value = text.partition("=")
     if not name or not equals:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError("must be KEY=VALUE, with a KEY, not %r" % text)
     return name, value
 
 
-def client_arguments():
-    parser = ArgumentParser(prog="rexec", description="The rexec client: run a command on "
-                            "rexec servers, list or end what runs there.")
-    commands = parser.add_subparsers(dest="command")
-    common = ArgumentParser(add_help=False)
-    common.add_argument("-v", dest="verbose", action="store_true",
-                        help="say the alias, and how the process ended, on stderr")
-    common.add_argument("--token-file", metavar="FILE",
+CLIENT_EXAMPLES = """\
+examples:
+  rexec.py run -- du -h -c /var/log           on $REXEC_URL, else %s
+  rexec.py run --url http://web1:8910 --url http://web2:8910 -- uptime
+                                              on both at once, each line after host:port:
+  git diff | rexec.py run --stdin --cwd /src -- git apply
+  rexec.py run --alias nightly --timeout 3600 -- /usr/local/bin/backup
+  rexec.py ps --url http://web1:8910 --url http://web2:8910
+  rexec.py kill nightly
+
+With a token: export REXEC_TOKEN=... or --token-file FILE.""" % DEFAULT_URL
+
+RUN_EXAMPLES = """\
+examples:
+  rexec.py run -- du -h -c /var/log
+  rexec.py run --url http://web1:8910 --url http://web2:8910 -- uptime
+  git diff | rexec.py run --stdin --cwd /src -- git apply
+  rexec.py run -v --alias nightly --timeout 3600 -e MODE=full -- /usr/local/bin/backup
+
+exit status: the remote one (128+N for signal N); 2 a bad argument, nothing sent;
+125 refused or no answer; 127 the command cannot start there; 255 the stream broke off.
+With several --url, the highest of them."""
+
+PS_EXAMPLES = """\
+examples:
+  rexec.py ps
+  rexec.py ps --url http://web1:8910 --url http://web2:8910    one table, a HOST column
+
+exit status: 0 if every server answered, else 125 (refused, no answer) or 255 (broke off)."""
+
+KILL_EXAMPLES = """\
+examples:
+  rexec.py kill nightly
+  rexec.py kill --url http://web1:8910 --url http://web2:8910 nightly
+
+exit status, one server: 0 if ALIAS ran there, 1 if not.  Several: a line per server
+('ended, exit code N' or 'not running'); 0 if every server answered and ALIAS ran on
+one at least, 1 if it ran on none, else 125 (refused, no answer) or 255 (broke off)."""
+
+
+def add_client_options(parser, verbose_help):
+    """The options every client command takes."""
+    parser.add_argument("--url", action="append", type=server_url,
+                        help="server (default $REXEC_URL, else %s); repeat for several "
+                        "at once" % DEFAULT_URL)
+    parser.add_argument("-v", dest="verbose", action="store_true", help=verbose_help)
+    parser.add_argument("--token-file", metavar="FILE",
                         help="file whose first line is the token (else $REXEC_TOKEN)")
-    common.add_argument("--cacert", metavar="FILE",
+    parser.add_argument("--cacert", metavar="FILE",
                         help="PEM CA bundle to verify an https:// server with")
-    common.add_argument("--cert", metavar="FILE", help="PEM client certificate, for mutual TLS")
-    common.add_argument("--key", metavar="FILE", help="PEM private key for --cert")
-    url_help = "server (default $REXEC_URL, else %s)" % DEFAULT_URL
-    run = commands.add_parser("run", parents=[common], help="run a command, stream its stdout",
+    parser.add_argument("--cert", metavar="FILE", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--key", metavar="FILE",
+                        help="PEM private key for --cert (else it is in --cert)")
+
+
+def client_arguments():
+    parser = ArgumentParser(prog="rexec", epilog=CLIENT_EXAMPLES,
+                            description="The rexec client: run a command on rexec servers, "
+                            "list or end what runs there.")
+    commands = parser.add_subparsers(dest="command", metavar="{run,ps,kill}")
+    run = commands.add_parser("run", help="run a command, stream its stdout", epilog=RUN_EXAMPLES,
                               usage="rexec run [options] -- CMD [ARG...]")
-    run.add_argument("--url", action="append", type=server_url,
-                     help=url_help + "; repeat to run on several at once")
+    add_client_options(run, "say the alias it picked, and how the process ended, on stderr")
     run.add_argument("--alias", metavar="A", type=alias_text,
                      help="the process's name there (default: CMD-random)")
     run.add_argument("--cwd", metavar="DIR", help="working directory there")
     run.add_argument("-e", dest="env", action="append", type=env_pair, default=[],
                      metavar="KEY=VALUE", help="add to its environment (repeatable)")
-    run.add_argument("--timeout", type=seconds, metavar="S", help="seconds until it is ended")
+    run.add_argument("--timeout", type=timeout_seconds, metavar="S",
+                     help="seconds until it is ended, at most %d (a year)" % MAX_TIMEOUT)
     run.add_argument("--stdin", action="store_true",
                      help="send our stdin (UTF-8 text, read to its end)")
     run.add_argument("--stderr", choices=("merge", "discard"),
                      help="its stderr into the stream, or nowhere (default: the server's log)")
     run.add_argument("--tty", action="store_true", help="run it on a pseudo-terminal")
-    run.add_argument("cmd", metavar="CMD")
+    # Optional here, so that its absence is said alone (argparse would say "CMD, ARG").
+    run.add_argument("cmd", nargs="?", metavar="CMD", help="the command, found in the "
+                     "server's PATH; it and its arguments come after --")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
-    ps = commands.add_parser("ps", parents=[common], help="list the running processes")
-    kill = commands.add_parser("kill", parents=[common], help="end one process: 0 if it ran")
-    for sub in (ps, kill):
-        sub.add_argument("--url", type=server_url, help=url_help)
-    kill.add_argument("alias", type=alias_text)
+    ps = commands.add_parser("ps", help="list the running processes", epilog=PS_EXAMPLES)
+    add_client_options(ps, "also say on stderr how many processes each server runs")
+    kill = commands.add_parser("kill", help="end one process", epilog=KILL_EXAMPLES)
+    add_client_options(kill, "say the server's answer (the alias, its exit code) on stderr")
+    kill.add_argument("alias", type=alias_text, metavar="ALIAS")
+    parser.commands = {"run": run, "ps": ps, "kill": kill}
     return parser
 
 
@@ -3054,20 +3364,20 @@ def client_options(argv):
     """Parsed arguments, with token, TLS context and stdin loaded; ClientError(EXIT_USAGE)."""
     parser = client_arguments()
     options = parser.parse_args(argv)
-    default = os.environ.get("REXEC_URL", DEFAULT_URL)
+    if options.command == "run" and not options.cmd:
+        parser.commands["run"].error("the command to run is missing: rexec run [options] -- "
+                                     "CMD [ARG...]" if options.cmd is None else
+                                     "CMD must not be empty")
     if not options.url:   # checked only when it is used: --url overrides it
+        default = os.environ.get("REXEC_URL", DEFAULT_URL)
         try:
-            server_url(default)
-        except ValueError:
-            parser.error("REXEC_URL is not an http:// or https:// URL: %r" % default)
-    if options.command == "run":
-        options.url = options.url or [default]
-    else:
-        options.url = options.url or default
-    urls = options.url if options.command == "run" else [options.url]
+            options.url = [server_url(default)]
+        except argparse.ArgumentTypeError as exc:
+            parser.commands[options.command].error("REXEC_URL %s" % exc)
     options.token = client_token(options)
     options.ssl_context = None
-    if ssl is not None and any(urllib.parse.urlsplit(url).scheme == "https" for url in urls):
+    if ssl is not None and any(urllib.parse.urlsplit(url).scheme == "https"
+                               for url in options.url):
         options.ssl_context = client_ssl_context(options)
     options.stdin_text = None
     if getattr(options, "stdin", False):
@@ -3107,11 +3417,13 @@ def client_ssl_context(options):
     except UnusableFile as exc:
         raise ClientError(EXIT_USAGE, "cannot read %s" % exc)
     try:
-        context = ssl.create_default_context(cafile=options.cacert)
-        if options.cert:
-            context.load_cert_chain(options.cert, options.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ClientError(EXIT_USAGE, "cannot load the TLS files: %s" % describe_error(exc))
+        try:   # with a --cacert, the system's CA certificates are not trusted
+            context = ssl.create_default_context(cafile=options.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise unusable_ca(("--cacert", options.cacert), exc)
+        load_pem_files(context, ("--cert", options.cert), ("--key", options.key))
+    except UnusableFile as exc:
+        raise ClientError(EXIT_USAGE, "cannot load %s" % exc)
     return context
 
 
@@ -3139,17 +3451,11 @@ def client_main(argv):
         if 1 in closed and argv[0] != "kill":
             raise ClientError(EXIT_USAGE, "standard output is closed: the output has nowhere to go")
         options = client_options(argv)
-        if options.command == "run":
-            return run_everywhere(options)
+        command = {"run": run_everywhere, "ps": list_processes, "kill": kill_process}
         try:
-            return {"ps": list_processes, "kill": kill_process}[options.command](options)
-        except ClientError as exc:
-            raise ClientError(exc.status, "%s: %s" % (options.url, exc))
+            return command[options.command](options)
         except BrokenPipeError:   # our stdout closed early
             return 128 + signal.SIGPIPE
-        except (OSError, http.client.HTTPException) as exc:   # the answer broke off
-            raise ClientError(EXIT_LOST, "%s: the connection broke: %s"
-                              % (options.url, describe_error(exc)))
     except ClientError as exc:
         say(exc)
         return exc.status
@@ -3159,7 +3465,7 @@ def client_main(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in ("run", "ps", "kill"):
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:
         return client_main(argv)
     return serve(argv)
 

@@ -42,7 +42,8 @@ sys.path.insert(0, HERE)
 import rexec  # noqa: E402
 
 CURL = shutil.which("curl")
-SERVING = re.compile(r"Serving on (\S+) port (\d+)")
+# The serving line, as text (serving host=H port=P) or JSON ("event": "serving", "host": ...).
+SERVING = re.compile(r'serving(?: host=|", "host": ")([^\s"]+)"?,? (?:port=|"port": )(\d+)')
 
 
 # --------------------------------------------------------------------------
@@ -667,7 +668,8 @@ class RefusalTests(ServerTestCase):
             (b'{"alias": "a", "cmd": "echo", "cwd": "/\\u0000"}', "NUL"),
             (b'{"alias": "a", "cmd": "echo", "envs": {"A": "\\u0000"}}', "NUL"),
             (b'{"alias": "a", "cmd": "echo", "args": ["\\ud800"]}', "not valid Unicode"),
-            (b'{"alias": "a", "cmd": "echo", "timout": 5}', "unknown field(s): 'timout'"),
+            (b'{"alias": "a", "cmd": "echo", "timout": 5}',
+             "unknown field 'timout' (did you mean 'timeout'?)"),
         ]
         with Conn(self.server) as conn:
             for body, fragment in cases:
@@ -1405,7 +1407,7 @@ class SecurityTests(ServerTestCase):
                 self.assertTrue(closed, start)
         self.assertEqual(run(server, {"alias": "a", "cmd": "true"}).status, 200)
         self.assertNotIn("Traceback", server.log())
-        self.assertNotIn("internal error", server.log())
+        self.assertNotIn("internal-error", server.log())
 
     def test_messages_with_lone_surrogates(self):
         body = b'{"alias": "a", "cmd": "/nonexistent-\\udcff"}'
@@ -1510,7 +1512,9 @@ class SecurityTests(ServerTestCase):
         os.chmod(path, 0o644)
         server = Server("--token-file", path)
         self.addCleanup(server.stop)
-        self.assertIn("is readable by group or others; chmod 600 it", server.log())
+        self.assertIn('token-file-mode file=%s mode=0644 why="readable by group or others; '
+                      'chmod 600 it"' % path, server.log())
+
         def status(token):   # a 401 closes the connection: one each
             with Conn(server) as conn:
                 return conn.request("GET", "/process",
@@ -1525,7 +1529,7 @@ class SecurityTests(ServerTestCase):
         # A REXEC_TOKEN left in the environment is ignored, and no child sees it.
         both = Server("--token-file", path, env={"REXEC_TOKEN": "env-token-82"})
         self.addCleanup(both.stop)
-        both.wait_log("WARNING REXEC_TOKEN is ignored: --token-file holds the token")
+        both.wait_log('WARNING token-env-ignored why="--token-file holds the token"')
         with Conn(both) as conn:
             response = conn.request("POST", "/process", {"alias": "e", "cmd": "sh", "args": [
                 "-c", "echo ${REXEC_TOKEN-unset}"]},
@@ -1553,8 +1557,8 @@ class SecurityTests(ServerTestCase):
     def test_no_auth_warns_when_bound_beyond_loopback(self):
         server = Server("--no-auth", ip="0.0.0.0")
         self.addCleanup(server.stop)
-        server.wait_log("WARNING --no-auth: anyone who can reach port %d may run any command"
-                        % server.port)
+        server.wait_log('WARNING no-auth host=0.0.0.0 port=%d why="anyone who can reach it may '
+                        'run any command"' % server.port)
         self.assertEqual(run(server, {"alias": "a", "cmd": "printf", "args": ["ok"]}).body, b"ok")
         loopback = Server("--no-auth")
         self.addCleanup(loopback.stop)
@@ -1562,7 +1566,7 @@ class SecurityTests(ServerTestCase):
         self.assertNotIn("WARNING", loopback.log())
         protected = Server(ip="0.0.0.0")
         self.addCleanup(protected.stop)
-        protected.wait_log("protected mode: no token, so only loopback peers are served")
+        protected.wait_log('protected-mode why="no token, so only loopback peers are served"')
         self.assertEqual(run(protected, {"alias": "a", "cmd": "printf", "args": ["ok"]}).body,
                          b"ok")
 
@@ -1573,7 +1577,7 @@ class SecurityTests(ServerTestCase):
             response = conn.request("POST", "/process?token=query-secret-93",
                                     {"alias": "a", "cmd": "true"})
         self.assertEqual(response.status, 500)
-        server.wait_log(r"internal error serving POST /process\n")
+        server.wait_log(r"ERROR internal-error method=POST path=/process\n")
         self.assertNotIn("query-secret", server.log())
 
     def test_body_read_errors_are_a_disconnect(self):
@@ -1585,7 +1589,7 @@ class SecurityTests(ServerTestCase):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.assertEqual(run(self.server, {"alias": "a", "cmd": "true"}).status, 200)
         self.assertNotIn("Traceback", self.server.log())
-        self.assertNotIn("internal error", self.server.log())
+        self.assertNotIn("internal-error", self.server.log())
 
 
 IP = shutil.which("ip")
@@ -1687,7 +1691,7 @@ class NonLoopbackTests(unittest.TestCase):
 
     def test_no_auth_serves_other_peers_and_warns(self):
         server = self.start("--no-auth")
-        server.wait_log("WARNING --no-auth: anyone who can reach port")
+        server.wait_log("WARNING no-auth host=")
         raw = self.remote(server, "POST", "/process",
                           {"alias": "r", "cmd": "printf", "args": ["open"]})
         self.assertTrue(raw.endswith(b"\r\n\r\n4\r\nopen\r\n0\r\n"
@@ -1818,7 +1822,7 @@ class FuzzTests(ServerTestCase):
         log = self.server.log()
         self.assertNotIn("start alias=fz", log)
         self.assertNotIn("Traceback", log)
-        self.assertNotIn("internal error", log)
+        self.assertNotIn("internal-error", log)
 
 
 # --------------------------------------------------------------------------
@@ -2057,9 +2061,10 @@ class ClientTests(ServerTestCase):
         status, out, err = self.run_here("true", options=["--alias", "busy"])
         self.assertEqual((status, out), (125, b""))
         self.assertOneLine(err, "409 alias 'busy' is already running")
-        status, out, err = self.run_here("true", options=["--timeout", "0"])
+        # (--timeout 0 is refused locally now, with 2: NewUserTests)
+        status, out, err = self.run_here("cat", options=["--stdin"], stdin=b"a" * (1 << 20))
         self.assertEqual(status, 125)
-        self.assertOneLine(err, "400 field 'timeout'")
+        self.assertOneLine(err, "413 ")
         status, out, err = self.client("run", "--url", "http://127.0.0.1:%d" % closed_port(),
                                        "--", "true")
         self.assertEqual((status, out), (125, b""))
@@ -2430,7 +2435,7 @@ class LoggingTests(ServerTestCase):
             sock.close()
         with Conn(self.server) as conn:
             self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
-        self.server.wait_log(r"DEBUG client left before its answer")
+        self.server.wait_log(r"DEBUG client-left before=answer")
         self.assertNotIn("ERROR", self.server.log())
         self.assertNotIn("Traceback", self.server.log())
 
@@ -2483,7 +2488,8 @@ class CommandLineTests(unittest.TestCase):
         server = Server()
         self.addCleanup(server.stop)
         self.assertNotEqual(server.port, 0)
-        self.assertIn("Serving on 127.0.0.1 port %d" % server.port, server.log())
+        self.assertIn("INFO serving host=127.0.0.1 port=%d url=http://127.0.0.1:%d/"
+                      % (server.port, server.port), server.log())
 
 
 # --------------------------------------------------------------------------
@@ -2914,7 +2920,7 @@ class EndingHardeningTests(ServerTestCase):
             "-c", "trap '' TERM; echo ready; sleep 300"]}, server)
         self.assertEqual(conn.file.read(11), b"6\r\nready\n\r\n")   # its trap is set
         os.kill(server.proc.pid, signal.SIGTERM)
-        server.wait_log("stopping: ending 1 process")
+        server.wait_log("INFO stopping processes=1")
 
         def refused():
             try:
@@ -2960,7 +2966,7 @@ class EndingHardeningTests(ServerTestCase):
         self.addCleanup(proc.stderr.close)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         listener.close()
-        self.assertIn("Serving on Unix socket %s" % path,
+        self.assertIn("serving socket=%s" % path,
                       proc.stderr.readline().decode("utf-8", "replace"))
         client = socket.socket(socket.AF_UNIX)
         self.addCleanup(client.close)
@@ -3678,6 +3684,234 @@ class WarmThreadTests(unittest.TestCase):
                         "%d threads, %d before" % (thread_count(server.proc.pid), idle))
         self.assertEqual(run(server, {"alias": "w", "cmd": "echo", "args": ["after"]}).body,
                          b"after\n")
+
+
+# --------------------------------------------------------------------------
+# The first hour of a new user (issue 16)
+# --------------------------------------------------------------------------
+
+class NewUserTests(ServerTestCase):
+    """What a newcomer meets first: mistakes on the command line, --help, ps and
+    kill on several servers, TLS files that cannot be loaded, the JSON log."""
+
+    server_args = ("--grace", "0.5")
+
+    def rexec(self, *args):
+        """rexec.py with `args` to its end: (exit status, stdout bytes, stderr text)."""
+        env = dict(os.environ)
+        for name in ("REXEC_TOKEN", "REXEC_URL"):
+            env.pop(name, None)
+        result = subprocess.run([sys.executable, REXEC] + list(args), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, timeout=30)
+        return result.returncode, result.stdout, result.stderr.decode("utf-8", "replace")
+
+    def assertUsageError(self, args, *fragments):
+        status, out, err = self.rexec(*args)
+        self.assertEqual((status, out), (2, b""), err)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        for fragment in fragments:
+            self.assertIn(fragment, err)
+        self.assertNotIn("Traceback", err)
+        return err
+
+    def test_command_line_mistakes_say_what_is_wrong_and_what_is_right(self):
+        dead = "http://127.0.0.1:%d" % closed_port()   # a request sent would be 125, not 2
+        cases = [
+            (["rum"], "rexec: unknown command 'rum' (did you mean 'run'?)"),
+            (["-p", "0", "psx"], "unknown command 'psx' (did you mean 'ps'?)"),
+            (["frobnicate"], "unexpected argument 'frobnicate' (the server takes options only"),
+            (["run", "--url", dead], "rexec run: the command to run is missing: "
+                                     "rexec run [options] -- CMD [ARG...]"),
+            (["run", "--url", dead, "--", ""], "CMD must not be empty"),
+            (["run", "--url", "localhost:8910", "--", "true"],
+             "--url must be an http:// or https:// URL", "(did you mean 'http://localhost:8910'?)"),
+            (["run", "--url", dead, "--timeout", "0", "--", "true"],
+             "--timeout must be more than 0 and at most 31536000 seconds", "not '0'"),
+            (["run", "--url", dead, "--timeout", "soon", "--", "true"], "not 'soon'"),
+            (["run", "--url", dead, "--timout", "5", "--", "true"],
+             "rexec run: unknown option '--timout' (did you mean '--timeout'?)"),
+            (["run", "--url", dead, "-e", "NOEQ", "--", "true"], "-e must be KEY=VALUE"),
+            (["ps", "--url", "ftp://x"], "rexec ps: --url must be an http:// or https:// URL"),
+            (["ps", "--url", "http://h:99999"], "not 'http://h:99999'"),
+            (["ps", "--url", dead, "--cacrt", "x"], "unknown option '--cacrt' (did you mean "
+                                                    "'--cacert'?)"),
+            (["kill", "--url", dead], "rexec kill: the following arguments are required: ALIAS"),
+            (["kill", "--url", dead, "a", "b"], "unexpected argument 'b'"),
+            (["--grace", "5000"], "rexec: --grace must be 0 to 3600 seconds, not '5000'"),
+            (["-p", "70000"], "--port must be a port number, 0 to 65535"),
+            (["--max-procs", "0"], "--max-procs must be a whole number, 1 or more"),
+            (["--porrt", "1"], "unknown option '--porrt' (did you mean '--port'?)"),
+            (["--log-format", "xml"], "--log-format: invalid choice: 'xml'"),
+        ]
+        for args, *fragments in cases:
+            with self.subTest(args=args):
+                err = self.assertUsageError(args, *fragments)
+                self.assertNotIn("ARG", err.replace("[ARG...]", ""))
+        status, _, err = self.rexec("ps", "--url", self.server.url, "--tokne-file", "x")
+        self.assertIn("(did you mean '--token-file'?)", err)
+
+    def test_help_has_examples_and_says_what_each_v_does(self):
+        status, out, _ = self.rexec("--help")
+        self.assertEqual(status, 0)
+        text = out.decode()
+        self.assertIn("[-v | -vv]", text)
+        self.assertIn("examples:\n  rexec.py ", text)
+        self.assertRegex(text, r"--log-format \{text,json\}\s+text: ")
+        verbose = {}
+        for command in ("run", "ps", "kill"):
+            status, out, _ = self.rexec(command, "--help")
+            self.assertEqual(status, 0)
+            text = out.decode()
+            self.assertIn("examples:\n  rexec.py %s" % command, text)
+            self.assertIn("exit status", text)
+            verbose[command] = re.search(r"\n  -v +(.*)", text).group(1)
+        self.assertIn("alias", verbose["run"])
+        self.assertIn("how many processes", verbose["ps"])
+        self.assertIn("answer", verbose["kill"])
+        self.assertGreaterEqual(self.rexec("--help")[1].count(b"\n  rexec.py "), 3)
+
+    def test_an_unknown_field_gets_the_closest_name(self):
+        with Conn(self.server) as conn:
+            for body, message in (
+                    ({"alias": "a", "cmd": "true", "timout": 5},
+                     "unknown field 'timout' (did you mean 'timeout'?)"),
+                    ({"alias": "a", "cmd": "true", "xyzzy": 1},
+                     "unknown field 'xyzzy'; the fields are alias, cmd, args, cwd, envs, "
+                     "timeout, stdin, stderr, tty"),
+                    ({"alias": "a", "cmd": "true", "env": {}, "zz": 1},
+                     "unknown fields 'env', 'zz' (did you mean 'envs'?)")):
+                with self.subTest(body=body):
+                    response = conn.request("POST", "/process", body)
+                    self.assertEqual((response.status, response.body),
+                                     (400, (message + "\n").encode()))
+
+    def fan_out(self, command, *args, urls):
+        status, out, err = self.rexec(*[command] + [word for url in urls
+                                                    for word in ("--url", url)] + list(args))
+        self.assertNotIn("Traceback", err)
+        return status, out.decode(), err
+
+    def test_ps_and_kill_fan_out_to_every_url(self):
+        other = Server(*self.server_args)
+        self.addCleanup(other.stop)
+        dead = "http://127.0.0.1:%d" % closed_port()
+        for server in (self.server, other):
+            self.start_stream({"alias": "fan", "cmd": "sleep", "args": ["300"]}, server)
+            self.running_pid("fan", server)
+        self.start_stream({"alias": "solo", "cmd": "sleep", "args": ["301"]}, other)
+        self.running_pid("solo", other)
+        live = [self.server.url, other.url]
+        host = ["127.0.0.1:%d" % server.port for server in (self.server, other)]
+        # ps: one table, a HOST column; the unreachable host is one line on stderr.
+        status, out, err = self.fan_out("ps", urls=[self.server.url, dead, other.url])
+        self.assertEqual(status, 125)
+        self.assertEqual(err, "rexec: %s: no answer: Connection refused\n" % dead)
+        rows = [line.split() for line in out.splitlines()]
+        self.assertEqual(rows[0], ["HOST", "ALIAS", "PID", "AGE", "COMMAND"])
+        self.assertEqual([(row[0], row[1], row[4:]) for row in rows[1:]],
+                         [(host[0], "fan", ["sleep", "300"]), (host[1], "fan", ["sleep", "300"]),
+                          (host[1], "solo", ["sleep", "301"])])
+        status, out, err = self.fan_out("ps", "-v", urls=live)
+        self.assertEqual(status, 0)
+        self.assertEqual(len(out.splitlines()), 4)
+        self.assertEqual(err, "rexec: %s: 1 process(es)\nrexec: %s: 2 process(es)\n"
+                         % tuple(live))
+        # kill: a line per host that answered; an unreachable one makes it fail.
+        status, out, err = self.fan_out("kill", "solo", urls=live + [dead])
+        self.assertEqual(status, 125)
+        self.assertEqual(out, "%s: not running\n%s: ended, exit code -15\n" % tuple(host))
+        self.assertEqual(err, "rexec: %s: no answer: Connection refused\n" % dead)
+        status, out, err = self.fan_out("kill", "fan", urls=live)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out, "%s: ended, exit code -15\n%s: ended, exit code -15\n" % tuple(host))
+        status, out, err = self.fan_out("kill", "fan", urls=live)
+        self.assertEqual((status, err), (1, ""))
+        self.assertEqual(out, "%s: not running\n%s: not running\n" % tuple(host))
+        self.assertEqual(self.ps() + self.ps(other), [])
+
+    def test_json_log_lines_are_one_shape(self):
+        server = Server("--log-format", "json", "-vv")
+        self.addCleanup(server.stop)
+        run(server, {"alias": "j", "cmd": "sh", "args": ["-c", "printf x; exit 3"]})
+        run(server, {"alias": "k", "cmd": "no-such-command-here"})
+        with Conn(server) as conn:
+            conn.request("GET", "/nowhere")
+        server.wait_log('"event": "access".*"status": 501')
+        self.assertEqual(server.stop(), 0)
+        records = [json.loads(line) for line in server.log().splitlines()]
+        for record in records:
+            self.assertIsInstance(record, dict)
+            self.assertEqual(list(record)[:3], ["time", "level", "event"], record)
+            self.assertIsInstance(record["time"], float)
+            self.assertIn(record["event"], rexec.LOG_EVENTS)
+        events = [record["event"] for record in records]
+        for event in ("serving", "request", "start", "chunk", "end", "spawn-failed", "access",
+                      "stopping", "stopped"):
+            self.assertIn(event, events)
+        serving = records[0]
+        self.assertEqual((serving["event"], serving["host"], serving["port"], serving["url"]),
+                         ("serving", "127.0.0.1", server.port,
+                          "http://127.0.0.1:%d/" % server.port))
+        timed = [record for record in records if record["event"] in ("end", "access")]
+        self.assertGreaterEqual(len(timed), 4)   # j's end; the access lines of all three
+        for record in timed:
+            self.assertIsInstance(record["duration"], float)
+            self.assertEqual(record["duration"], round(record["duration"], 3))
+        end = [record for record in records if record["event"] == "end"][0]
+        self.assertEqual((end["exit"], end["bytes"], end["pid"] > 0), (3, 1, True))
+
+    def test_every_log_event_is_listed_and_documented(self):
+        with open(REXEC) as handle:
+            source = handle.read()
+        self.assertIsNone(re.search(r"\blog\.(info|warning|error|debug|exception)\(", source))
+        used = set(re.findall(r'log_event\([^,"]+,\s*"([^"]+)"', source))
+        self.assertGreater(len(used), 15)
+        self.assertLessEqual(used, set(rexec.LOG_EVENTS))
+        with open(os.path.join(HERE, "README.md")) as handle:
+            readme = handle.read()
+        logging_section = readme.split("\n## Logging\n", 1)[1].split("\n## ", 1)[0]
+        for event in rexec.LOG_EVENTS:
+            self.assertIn("`%s`" % event, logging_section)
+
+    def test_text_log_durations_and_serving_line(self):
+        run(self.server, {"alias": "t", "cmd": "true"})
+        self.server.wait_log(r"INFO end alias=t .* duration=\d+\.\d{3}s bytes=0")
+        self.server.wait_log(r"INFO access .* duration=\d+\.\d{3}s alias=t")
+        self.assertRegex(self.server.log(), r"\A\S+ \S+ INFO serving host=127\.0\.0\.1 port=%d "
+                         r"url=http://127\.0\.0\.1:%d/\n" % (self.server.port, self.server.port))
+
+    @unittest.skipIf(OPENSSL is None, "needs the openssl command")
+    def test_tls_files_that_cannot_be_loaded_are_named(self):
+        pem = make_test_pki(self.tmp)
+        junk = os.path.join(self.tmp, "junk.pem")
+        with open(junk, "w") as handle:
+            handle.write("not PEM at all\n")
+        server = ["-i", "127.0.0.1", "-p", "0"]
+        client = ["ps", "--url", "https://127.0.0.1:%d" % closed_port()]
+        for args, message in (
+                (server + ["--certfile", junk, "--keyfile", pem["server.key"]],
+                 "rexec: cannot load --certfile %r: no certificate in PEM form" % junk),
+                (server + ["--certfile", pem["server.pem"], "--keyfile", junk],
+                 "rexec: cannot load --keyfile %r: not a private key in PEM form, or not the "
+                 "key of --certfile" % junk),
+                (server + ["--certfile", pem["server.pem"], "--keyfile", pem["client.key"]],
+                 "rexec: cannot load --keyfile %r: the private key is not the key of "
+                 "--certfile's certificate" % pem["client.key"]),
+                (server + ["--certfile", pem["server.pem"]],
+                 "rexec: cannot load --certfile %r: no private key in PEM form after the "
+                 "certificate (or give --keyfile)" % pem["server.pem"]),
+                (server + ["--certfile", pem["server.pem"], "--keyfile", pem["server.key"],
+                           "--client-ca", junk],
+                 "rexec: cannot load --client-ca %r: no CA certificate in PEM form" % junk),
+                (client + ["--cacert", junk],
+                 "rexec: cannot load --cacert %r: no CA certificate in PEM form" % junk),
+                (client + ["--cacert", pem["ca.pem"], "--cert", pem["client.pem"],
+                           "--key", pem["server.key"]],
+                 "rexec: cannot load --key %r: the private key is not the key of --cert's "
+                 "certificate" % pem["server.key"]),
+                (client + ["--cert", junk], "rexec: cannot load --cert %r: no certificate" % junk)):
+            with self.subTest(args=args[3:]):
+                self.assertUsageError(args, message)
 
 
 # ==========================================================================
