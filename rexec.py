@@ -1450,6 +1450,7 @@ class Metrics:
 LOG_EVENTS = (
     "serving", "protected-mode", "no-auth", "token-file-mode", "token-env-ignored",   # start
     "request", "start", "spawn-failed", "end", "access", "chunk", "stderr",   # a request
+    "stderr-dropped",
     "auth-failed", "client-left", "client-flood", "http-error", "connection-ended",
     "internal-error", "connection-error", "accept-paused",                    # trouble
     "signal-ignored", "stopping", "stop-now", "stopped",                      # signals, stop
