@@ -32,7 +32,7 @@ The sections of this file, in order:
                         Stream, the event loop of one stream
     Registry, metrics   the alias registry; counters for GET /metrics
     Access              who may do what: named tokens (Credential), their roles, the
-                        tokens file; Access, the whole of it, in one immutable object
+                        tokens file; Access, the whole of it, swapped whole on SIGHUP
     Logging             one line per event, as text or JSON
     HTTP handler        RexecHandler: the API on one connection
     Server              RexecServer: the accept loop, a thread per connection
@@ -131,10 +131,11 @@ PEER_GONE_ERRNOS = frozenset({
 # What each signal that would end rexec by default does instead (README, Operating).
 # Stop: end every group, send each stream its trailers, exit 0; a second one kills now.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
-# Logged and ignored: none has a meaning here, and dying of one would orphan every
-# child.  SIGHUP is kept for reloading the configuration.
+# Reload: read the tokens file, --token-file and the TLS certificate and key again.
+RELOAD_SIGNAL = signal.SIGHUP
+# Logged and ignored: none has a meaning here, and dying of one would orphan every child.
 IGNORED_SIGNALS = frozenset(
-    [getattr(signal, name) for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+    [getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
                                         "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT")
      if hasattr(signal, name)]
     + list(range(getattr(signal, "SIGRTMIN", 0), getattr(signal, "SIGRTMAX", -1) + 1)))
@@ -1484,8 +1485,9 @@ ANONYMOUS = Credential(None, None, "admin")
 
 
 class Access:
-    """The tokens in force, one immutable whole, held by the server; a request
-    takes the reference once.
+    """The tokens in force, one immutable whole.  The server holds one; a reload
+    builds a new one and replaces the server's reference, so a request, which
+    takes the reference once, is judged by either the old or the new one whole.
 
     `required`: requests must carry a token (one is configured, or a tokens
     file is named: an empty one refuses everyone rather than opening protected
@@ -2030,7 +2032,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def _authorize(self):
         """Set self.credential to who the request is from, or refuse it (401, 403).
-        The server's Access is taken once."""
+        The server's Access is taken once: a reload meanwhile changes nothing here."""
         server, access, peer = self.server, self.server.access, self.client_address[0]
         if not access.required:
             if not (server.no_auth or is_loopback(peer)):
@@ -2343,7 +2345,8 @@ class RexecServer(_ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG   # the default 5 refuses a burst of connects
 
     def __init__(self, options, inherited_fd=None):
-        self.access = options.access   # who may do what (an Access), never changed in place
+        self.options = options         # what reload() reads the files of again
+        self.access = options.access   # replaced whole by reload(), never changed in place
         self.no_auth = options.no_auth
         self.allow = frozenset(options.allow) if options.allow else None
         self.grace = options.grace
@@ -2480,8 +2483,9 @@ class RexecServer(_ThreadingHTTPServer):
             self._streams_done.wait_for(lambda: not self._streams, CUT_WAIT)
 
     def take_signals(self, signal_fd):
-        """Read the signals that came (set_wakeup_fd wrote their numbers); log and
-        drop the ignored ones; True if one of them asks rexec to stop."""
+        """Read the signals that came (set_wakeup_fd wrote their numbers); reload
+        on SIGHUP; log and drop the ignored ones; True if one asks rexec to stop.
+        Runs on the main thread, so reloads never overlap."""
         try:
             numbers = os.read(signal_fd, 512)
         except BlockingIOError:
@@ -2490,12 +2494,31 @@ class RexecServer(_ThreadingHTTPServer):
         for signum in numbers:
             if signum in STOP_SIGNALS:
                 stop = True
+            elif signum == RELOAD_SIGNAL:
+                self.reload()
             else:
-                log_event(logging.WARNING if signum != signal.SIGHUP else logging.INFO,
-                          "signal-ignored", signal=signal_name(signum),
-                          why="no configuration to reload yet" if signum == signal.SIGHUP
-                          else "it has no meaning here")
+                log_event(logging.WARNING, "signal-ignored", signal=signal_name(signum),
+                          why="it has no meaning here")
         return stop
+
+    def reload(self):
+        """Read the tokens file, --token-file and the TLS files again, and put what
+        they say in force for the requests and handshakes that come next: each
+        setting is one reference, replaced whole.  Running processes and their
+        streams go on untouched.  If any file fails to load, the configuration
+        in force stays, all of it, and one line says why."""
+        try:
+            access = load_access(self.options)
+            ssl_context = load_ssl_context(self.options)
+        except ConfigError as exc:
+            log_event(logging.ERROR, "reload-failed", error=str(exc),
+                      kept="the configuration in force")
+            return
+        self.access = access
+        if ssl_context is not None:
+            self.ssl_context = ssl_context
+        log_event(logging.INFO, "reloaded", tokens=len(access.credentials),
+                  tls=ssl_context is not None)
 
 
 def signal_name(signum):
@@ -2721,7 +2744,7 @@ def read_tokens_file(path):
 
 def load_access(options):
     """Who may do what (an Access), from --tokens, --token-file and REXEC_TOKEN;
-    raises ConfigError."""
+    raises ConfigError.  Run at start and again on each reload."""
     credentials = read_tokens_file(options.tokens) if options.tokens else []
     if options.tokens and options.no_auth:
         raise ConfigError("--no-auth and --tokens contradict each other")
@@ -2785,7 +2808,7 @@ def serve(argv):
     stop_r, stop_w = os.pipe()
     os.set_blocking(stop_w, False)
     os.set_blocking(stop_r, False)
-    for signum in STOP_SIGNALS | IGNORED_SIGNALS:
+    for signum in STOP_SIGNALS | IGNORED_SIGNALS | {RELOAD_SIGNAL}:
         signal.signal(signum, lambda *_: None)
     signal.set_wakeup_fd(stop_w)
     try:
@@ -2815,7 +2838,7 @@ def serve(argv):
 def token_arguments():
     parser = ArgumentParser(prog="rexec token", description="Make a new random token named "
                             "NAME: print it once, for its holder, and the line that lets "
-                            "it in, for the --tokens file (then restart rexec).")
+                            "it in, for the --tokens file (then reload: kill -HUP).")
     parser.add_argument("name", metavar="NAME", help="its name in logs, listings and metrics")
     parser.add_argument("--role", choices=ROLES, default="run",
                         help="run (default): start, list and end its own processes; read: "

@@ -2877,9 +2877,10 @@ class EndingHardeningTests(ServerTestCase):
             os.kill(self.server.proc.pid, signum)
         if rtmin:
             self.server.wait_log(r"signal-ignored signal=SIGRTMIN\+1 ")
-        for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF"):
+        for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF"):
             self.server.wait_log(r"signal-ignored signal=%s " % name)
-        self.server.wait_log(r"INFO signal-ignored signal=SIGHUP why=\"no configuration to reload")
+        self.server.wait_log(r"INFO reloaded tokens=0 tls=False")   # SIGHUP reloads (issue 17)
+        self.assertNotIn("signal=SIGHUP", self.server.log())
         self.assertIsNone(self.server.proc.poll())
         self.assertTrue(pid_alive(pid))
         self.assertEqual(run(self.server, {"alias": "after", "cmd": "echo", "args": ["ok"]}).body,
@@ -3654,7 +3655,7 @@ def bearer(token):
 
 class TokenTests(ServerTestCase):
     """--tokens FILE: named tokens with roles, allow= and from=; the legacy
-    token beside them.  Each test starts its own servers."""
+    token beside them; reloading on SIGHUP.  Each test starts its own servers."""
 
     def setUp(self):
         self.server = None   # no default server: each test names its tokens first
@@ -3695,6 +3696,14 @@ class TokenTests(ServerTestCase):
     def listed(self, server, token):
         return [(p["alias"], p["owner"]) for p in self.ask(server, "GET", "/process",
                                                            token=token).json()]
+
+    def hup(self, server, pattern=r"INFO reloaded "):
+        """SIGHUP the server and wait for its reload line (one more of them)."""
+        done = len(re.findall(r"reload", server.log()))
+        server.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: len(re.findall(r"reload", server.log())) > done),
+                        server.log())
+        return server.wait_log(pattern)
 
     def role_server(self, *args):
         path = self.tokens_file("# CI runners, a dashboard and an operator", "",
@@ -3848,7 +3857,8 @@ class TokenTests(ServerTestCase):
                 else:
                     server.wait_log(r'"event": "end", "alias": "l-boss".*"token": "boss"')
                     server.wait_log(r'"event": "access".*"status": 401.*"token": "-"')
-                log = server.stop() == 0 and server.log()
+                self.assertEqual(server.stop(), 0)
+                log = server.log()
                 for name, token in self.tokens.items():
                     digest = hashlib.sha256(token.encode()).hexdigest()
                     for secret in (token, token[:12], digest[:16], digest[-16:]):
@@ -3970,6 +3980,132 @@ class TokenTests(ServerTestCase):
                         r"is refused")
         self.assertEqual(self.ask(server, "GET", "/process").status, 401)   # even from loopback
         self.assertEqual(self.ask(server, "GET", "/health").status, 200)
+
+    def test_a_stream_outlives_a_reload_that_removes_its_token(self):
+        path = self.tokens_file(self.line("ci"), self.line("boss", "role=admin"))
+        server = self.start("--tokens", path)
+        go = os.path.join(self.tmp, "go")
+        conn = self.stream(server, "long", self.tokens["ci"],
+                           "echo ready; while [ ! -e %s ]; do sleep 0.05; done; echo after" % go)
+        old_ci = bearer(self.tokens["ci"])
+        kept = Conn(server)   # keep-alive: its next request comes after the reload
+        self.addCleanup(kept.close)
+        self.assertEqual(kept.request("GET", "/process", headers=old_ci).json()[0]["alias"],
+                         "long")
+        self.tokens["ci"] = new_token()   # rotated: the same name, a new secret
+        with open(path + ".new", "w") as handle:   # written whole, then renamed into place
+            handle.write(self.line("ci") + "\n" + self.line("dash", "role=read") + "\n")
+        os.rename(path + ".new", path)
+        self.hup(server, r"INFO reloaded tokens=2 tls=False\n")
+        # The old ci secret and the removed boss are refused; the new ci owns the stream.
+        self.assertEqual(kept.request("GET", "/process", headers=old_ci).status, 401)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status, 401)
+        self.assertEqual(self.listed(server, self.tokens["ci"]), [("long", "ci")])
+        self.assertEqual(self.listed(server, self.tokens["dash"]), [("long", "ci")])
+        open(go, "w").close()
+        response = conn.rest()
+        self.assertEqual(response.body, b"after\n")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"})
+        server.wait_log(r"INFO end alias=long .*reason=exit .*token=ci\n")
+
+    def test_a_request_after_a_reload_is_judged_by_the_new_file(self):
+        path = self.tokens_file(self.line("ci"), self.line("boss", "role=admin"))
+        server = self.start("--tokens", path)
+        with Conn(server) as kept:   # keep-alive across the reload
+            good = bearer(self.tokens["boss"])
+            self.assertEqual(kept.request("GET", "/process", headers=good).status, 200)
+            self.tokens_file(self.line("ci"), self.line("boss", "role=read"))
+            self.hup(server)
+            response = kept.request("POST", "/process", {"alias": "a", "cmd": "true"},
+                                    headers=good)
+            self.assertEqual((response.status, response.body),
+                             (403, b"token 'boss' has role=read: it starts and ends nothing\n"))
+        self.tokens_file(self.line("ci"))
+        with Conn(server) as kept:
+            self.assertEqual(kept.request("GET", "/process", headers=good).status, 200)
+            self.hup(server)
+            self.assertEqual(kept.request("GET", "/process", headers=good).status, 401)
+
+    def test_a_broken_file_keeps_the_old_configuration(self):
+        path = self.tokens_file(self.line("ci"))
+        server = self.start("--tokens", path)
+        self.tokens_file("# the new list", self.line("ci"), self.line("boss", "role=boss"))
+        self.hup(server, r"ERROR reload-failed error=\"--tokens '%s' line 3: role= takes run, "
+                         r"read or admin\" kept=\"the configuration in force\"\n"
+                 % re.escape(path))
+        self.assertEqual(server.log().count("reload-failed"), 1)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["ci"]).status, 200)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status,
+                         401)
+        os.remove(path)
+        self.hup(server, r"ERROR reload-failed error=\"cannot read --tokens '%s': No such file"
+                 % re.escape(path))
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["ci"]).status, 200)
+        self.tokens_file(self.line("boss", "role=admin"))
+        self.hup(server, r"INFO reloaded tokens=1 tls=False\n")
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status,
+                         200)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["ci"]).status, 401)
+        self.assertIsNone(server.proc.poll())
+
+    def test_the_legacy_token_file_is_read_again_on_reload(self):
+        secret = os.path.join(self.tmp, "secret")
+        with open(secret, "w") as handle:
+            handle.write(self.tokens["legacy"] + "\n")
+        server = self.start("--token-file", secret)
+        old = self.tokens["legacy"]
+        with open(secret, "w") as handle:
+            handle.write(self.tokens["boss"] + "\n")
+        self.hup(server, r"INFO reloaded tokens=1 tls=False\n")
+        self.assertEqual(self.ask(server, "GET", "/process", token=old).status, 401)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status,
+                         200)
+        # REXEC_TOKEN left the environment at start, and a reload keeps it
+        env_server = self.start(env={"REXEC_TOKEN": old})
+        self.hup(env_server, r"INFO reloaded tokens=1 tls=False\n")
+        self.assertEqual(self.ask(env_server, "GET", "/process", token=old).status, 200)
+
+    def test_a_renewed_certificate_is_served_after_sighup(self):
+        if OPENSSL is None or rexec.ssl is None:
+            self.skipTest("needs the openssl command and the ssl module")
+        import ssl
+        old_pki = make_test_pki(tempfile.mkdtemp(dir=self.tmp))
+        new_pki = make_test_pki(tempfile.mkdtemp(dir=self.tmp))
+        cert, key = os.path.join(self.tmp, "cert.pem"), os.path.join(self.tmp, "key.pem")
+        shutil.copy(old_pki["server.pem"], cert)
+        shutil.copy(old_pki["server.key"], key)
+        server = self.start("--certfile", cert, "--keyfile", key,
+                            "--tokens", self.tokens_file(self.line("ci")))
+
+        def tls_conn(pki):
+            context = ssl.create_default_context(cafile=pki["ca.pem"])
+            return Conn(server, sock=context.wrap_socket(server.connect(),
+                                                         server_hostname="localhost"))
+        go = os.path.join(self.tmp, "go")
+        before = tls_conn(old_pki)
+        self.addCleanup(before.close)
+        before.send("POST", "/process", {"alias": "tls", "cmd": "sh", "args": [
+            "-c", "echo ready; while [ ! -e %s ]; do sleep 0.05; done; echo after" % go]},
+            headers=bearer(self.tokens["ci"]))
+        self.assertEqual(before.head()[0], 200)
+        self.first_chunk(before, b"ready\n")
+        # a broken renewal: the key of another certificate; the old one stays in force
+        shutil.copy(new_pki["server.pem"], cert)
+        self.hup(server, r"ERROR reload-failed error=\"cannot load the TLS files: ")
+        with tls_conn(old_pki) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        shutil.copy(new_pki["server.key"], key)
+        self.hup(server, r"INFO reloaded tokens=1 tls=True\n")
+        with tls_conn(new_pki) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+            self.assertEqual(conn.request("GET", "/process", headers=bearer(
+                self.tokens["ci"])).json()[0]["alias"], "tls")
+        with self.assertRaises(ssl.SSLError):   # the old certificate is served no more
+            tls_conn(old_pki).close()
+        open(go, "w").close()
+        response = before.rest()   # the stream from before the reload ends as ever
+        self.assertEqual(response.body, b"after\n")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"})
 
 
 class TokenNonLoopbackTests(NetnsTestCase):
