@@ -14,9 +14,10 @@ GET /metrics and GET /health are for operators.  The same file is a client:
 
 SECURITY WARNING: rexec runs any command, as the user it runs as, for whoever
 may talk to it.  With no token configured it serves loopback peers only
-("protected mode").  Set REXEC_TOKEN (or --token-file), and TLS
-(--certfile/--keyfile, --client-ca) beyond a trusted network, before you let
-anyone else reach its port; --allow narrows what may be run.
+("protected mode").  Set REXEC_TOKEN (or --token-file; named tokens with
+roles: --tokens), and TLS (--certfile/--keyfile, --client-ca) beyond a trusted
+network, before you let anyone else reach its port; --allow narrows what may
+be run.
 
 Standard library only; CPython 3.6 or newer; Linux first, other POSIX systems
 (macOS) without the Linux fast paths.  Not for Windows.
@@ -30,10 +31,13 @@ The sections of this file, in order:
                         Process (one child); StderrLines, its stderr into the log;
                         Stream, the event loop of one stream
     Registry, metrics   the alias registry; counters for GET /metrics
+    Access              who may do what: named tokens (Credential), their roles, the
+                        tokens file; Access, the whole of it, swapped whole on SIGHUP
     Logging             one line per event, as text or JSON
     HTTP handler        RexecHandler: the API on one connection
     Server              RexecServer: the accept loop, a thread per connection
-    Command line        the server's options, its start-up and signals: serve()
+    Command line        the server's options, its start-up and signals: serve();
+                        rexec.py token, which makes a token and its tokens-file line
     Client              rexec.py run | ps | kill
 """
 
@@ -46,6 +50,7 @@ import email.utils
 import errno
 import fcntl
 import functools
+import hashlib
 import hmac
 import http.client
 import http.server
@@ -59,6 +64,7 @@ import pty
 import random
 import re
 import resource
+import secrets
 import select
 import selectors
 import shlex
@@ -128,10 +134,11 @@ PEER_GONE_ERRNOS = frozenset({
 # What each signal that would end rexec by default does instead (README, Operating).
 # Stop: end every group, send each stream its trailers, exit 0; a second one kills now.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
-# Logged and ignored: none has a meaning here, and dying of one would orphan every
-# child.  SIGHUP is kept for reloading the configuration.
+# Reload: read the tokens file, --token-file and the TLS certificate and key again.
+RELOAD_SIGNAL = signal.SIGHUP
+# Logged and ignored: none has a meaning here, and dying of one would orphan every child.
 IGNORED_SIGNALS = frozenset(
-    [getattr(signal, name) for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+    [getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
                                         "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT")
      if hasattr(signal, name)]
     + list(range(getattr(signal, "SIGRTMIN", 0), getattr(signal, "SIGRTMAX", -1) + 1)))
@@ -160,6 +167,11 @@ HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs but HTAB (RFC 9110 5.5)
 LINE_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")   # in a request line, HTAB too (RFC 9112 3)
 SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
+ROLES = ("run", "read", "admin")   # what a token may do (README, Security); "run" by default
+LEGACY_TOKEN = "legacy"      # the name of the token of REXEC_TOKEN or --token-file (an admin)
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,31}")   # in every log line and metric
+TOKEN_HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
+TOKEN_BYTES = 32             # of entropy in a token that `rexec.py token` makes
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 CAN_SPLICE = hasattr(os, "splice")
 CAN_PIDFD = hasattr(os, "pidfd_open")
@@ -979,9 +991,10 @@ class Process:
     can deadlock a threaded server), so its pid is the id of its whole group.
     """
 
-    def __init__(self, spec, grace, release):
+    def __init__(self, spec, grace, release, owner=None):
         self.spec = spec
         self.alias = spec.alias
+        self.owner = owner           # the name of the token that started it, or None
         self.popen = None
         self.output_fd = None        # the pipe or terminal the stream reads
         self.started = time.time()
@@ -997,7 +1010,7 @@ class Process:
         spec = self.spec
         return {"alias": self.alias, "pid": self.pid, "cmd": spec.cmd, "args": spec.args,
                 "cwd": spec.cwd, "started": self.started, "timeout": spec.timeout,
-                "tty": spec.tty}
+                "tty": spec.tty, "owner": self.owner}
 
     def start(self, executable=None):
         """Start the child; raises OSError when it cannot start.  `executable` is
@@ -1399,7 +1412,7 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.started_at = time.time()
-        self.started = 0
+        self.started = collections.Counter()   # by the name of the token that started them
         self.spawn_failures = 0
         self.exits = dict.fromkeys(REASONS, 0)
         self.requests = collections.Counter()
@@ -1419,11 +1432,24 @@ class Metrics:
         with self._lock:
             self.requests[int(status)] += 1
 
-    def render(self, running):
+    def count_start(self, token):
+        """A process started by the token named `token` (None: no token is configured)."""
         with self._lock:
+            self.started[token] += 1
+
+    def render(self, running, tokens=()):
+        """The metrics; `tokens` names the tokens in force, each counted from 0 (a
+        token no longer in force keeps its count)."""
+        with self._lock:
+            started = collections.Counter(dict.fromkeys(tokens, 0))
+            started.update(self.started)
+            anonymous = started.pop(None, 0)
+            # Without a token the sample has no label: an empty label is no label.
+            by_token = ([("", anonymous)] if anonymous or not started else []) + [
+                ('{token="%s"}' % name, n) for name, n in sorted(started.items())]
             families = [
                 ("processes_running", "gauge", "Processes running now.", [("", running)]),
-                ("processes_started_total", "counter", "Processes started.", [("", self.started)]),
+                ("processes_started_total", "counter", "Processes started, by token.", by_token),
                 ("process_exits_total", "counter", "Processes ended, by why they ended.",
                  [('{reason="%s"}' % r, n) for r, n in self.exits.items()]),
                 ("spawn_failures_total", "counter", "Processes that could not start.",
@@ -1443,6 +1469,151 @@ class Metrics:
 
 
 # --------------------------------------------------------------------------
+# Access: who may do what, by named token (README, Security)
+# --------------------------------------------------------------------------
+
+class Credential:
+    """One token rexec accepts: its name, the SHA-256 of its value (never the
+    value itself), its role, and the cmd values (`allow`) and peer networks
+    (`networks`) it is limited to, each None for no limit.  Immutable."""
+
+    __slots__ = ("name", "digest", "role", "allow", "networks")
+
+    def __init__(self, name, digest, role="run", allow=None, networks=None):
+        self.name, self.digest, self.role = name, digest, role
+        self.allow = frozenset(allow) if allow else None
+        self.networks = tuple(networks) if networks else None
+
+    def admits(self, host):
+        """True when a request from peer address `host` may use this token.  A
+        Unix-socket peer has no address, so it is no peer of any network."""
+        if self.networks is None:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        address = getattr(address, "ipv4_mapped", None) or address
+        return any(address in network for network in self.networks)
+
+    def owns(self, proc):
+        """May this token list and end `proc`?  An admin or a read token sees every
+        process; a run token only the ones it started."""
+        return self.role != "run" or proc.owner == self.name
+
+
+# The peer when no token is configured (protected mode, --no-auth): it may do everything.
+ANONYMOUS = Credential(None, None, "admin")
+
+
+class Access:
+    """The tokens in force, one immutable whole.  The server holds one; a reload
+    builds a new one and replaces the server's reference, so a request, which
+    takes the reference once, is judged by either the old or the new one whole.
+
+    `required`: requests must carry a token (one is configured, or a tokens
+    file is named: an empty one refuses everyone rather than opening protected
+    mode)."""
+
+    def __init__(self, credentials=(), required=False):
+        self.credentials = tuple(credentials)
+        self.required = required or bool(self.credentials)
+        self.names = tuple(c.name for c in self.credentials)
+
+    def identify(self, presented):
+        """The Credential whose token is the bytes `presented`, or None.  Its hash
+        is compared with every entry's in constant time, with no early exit, so
+        the time taken tells nothing of which entry came close."""
+        digest = hashlib.sha256(presented).digest()
+        found = None
+        for credential in self.credentials:
+            if hmac.compare_digest(digest, credential.digest):
+                found = credential
+        return found
+
+
+class TokensFileError(ValueError):
+    """A tokens file line rexec cannot take: str() names the file and the line.
+    The message never quotes a name or a hash: a token pasted by mistake into
+    the file must not reach a log."""
+
+    def __init__(self, path, line, problem):
+        super().__init__("--tokens %r line %d: %s" % (path, line, problem))
+
+
+def parse_tokens(data, path):
+    """The Credentials of tokens file `path`, whose bytes are `data`: one token a
+    line, `NAME sha256:HEX [OPTION ...]` (shell-like words, quotes allowed),
+    `#` comment lines and blank lines; raises TokensFileError."""
+    credentials, names, digests = [], {}, {}
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TokensFileError(path, number, "not UTF-8 text")
+        line = line[:-1] if line.endswith("\r") else line
+        if not line.replace("\t", " ").isprintable():
+            raise TokensFileError(path, number, "a control or other unprintable character")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:   # "No closing quotation"
+            raise TokensFileError(path, number, str(exc).lower())
+        credential = parse_token_words(words, lambda problem: TokensFileError(path, number,
+                                                                             problem))
+        for seen, key, what in ((names, credential.name, "name"),
+                                (digests, credential.digest, "token")):
+            if key in seen:
+                raise TokensFileError(path, number, "the same %s as line %d" % (what, seen[key]))
+            seen[key] = number
+        credentials.append(credential)
+    return credentials
+
+
+def parse_token_words(words, error):
+    """The Credential that the words of one tokens-file line describe; raises
+    error(problem) for words that describe none."""
+    if len(words) < 2:
+        raise error("expected NAME sha256:HEX [OPTION ...]")
+    name, digest = words[0], TOKEN_HASH.fullmatch(words[1])
+    if not TOKEN_NAME.fullmatch(name):
+        raise error("a name is 1 to 32 letters, digits and . _ @ -, starting with a "
+                    "letter or digit")
+    if name == LEGACY_TOKEN:
+        raise error("the name %r is kept for the token of REXEC_TOKEN or --token-file"
+                    % LEGACY_TOKEN)
+    if digest is None:
+        raise error("the second word must be sha256: and 64 hex digits, the SHA-256 of "
+                    "the token (as `rexec.py token` prints it)")
+    role, allow, networks = None, [], []
+    for position, word in enumerate(words[2:], 3):
+        key, _, value = word.partition("=")
+        if key == "role" and value in ROLES and role is None:
+            role = value
+        elif key == "role":
+            raise error("role= is given twice" if role else "role= takes run, read or admin")
+        elif key == "allow" and value:
+            allow.append(value)
+        elif key == "from" and value:
+            try:
+                networks.append(ipaddress.ip_network(value))
+            except ValueError as exc:
+                raise error("from= takes an address or a network (CIDR): %s" % exc)
+        else:
+            raise error("word %d is no option: role=, allow= or from= and a value" % position)
+    return Credential(name, bytes.fromhex(digest.group(1)), role or "run", allow, networks)
+
+
+def token_line(name, token, role="run", allow=(), networks=()):
+    """The tokens-file line for token `token` (text) named `name`."""
+    words = [shlex.quote(name), "sha256:" + hashlib.sha256(token.encode("latin-1")).hexdigest()]
+    words += ["role=" + role] + ["allow=" + shlex.quote(cmd) for cmd in allow]
+    words += ["from=%s" % network for network in networks]
+    return " ".join(words)
+
+
+# --------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------
 
@@ -1453,7 +1624,8 @@ LOG_EVENTS = (
     "stderr-dropped",
     "auth-failed", "client-left", "client-flood", "http-error", "connection-ended",
     "internal-error", "connection-error", "accept-paused",                    # trouble
-    "signal-ignored", "stopping", "stop-now", "stopped",                      # signals, stop
+    "signal-ignored", "reloaded", "reload-failed", "no-tokens",               # signals
+    "stopping", "stop-now", "stopped",                                        # the stop
 )
 
 
@@ -1721,6 +1893,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.unread_body = False
         self.sent = 0
         self.alias = None
+        self.credential = None   # who the request is from, once _authorize() knows
         self.begun = time.monotonic()
         self.command = self.requestline = ""
         self.request_version = self.default_request_version
@@ -1891,6 +2064,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                     raise Refused(HTTPStatus.FORBIDDEN, "requests from web pages (with an Origin "
                                   "header) are refused")
                 self._authorize()
+                self._permit(action)
             except Refused:
                 # Each further try costs an unauthorized client a new connection.
                 self.close_connection = True
@@ -1957,9 +2131,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.BAD_REQUEST, "more than one Host header")
 
     def _authorize(self):
-        server = self.server
-        if server.token is None:
-            if not (server.no_auth or is_loopback(self.client_address[0])):
+        """Set self.credential to who the request is from, or refuse it (401, 403).
+        The server's Access is taken once: a reload meanwhile changes nothing here."""
+        server, access, peer = self.server, self.server.access, self.client_address[0]
+        if not access.required:
+            if not (server.no_auth or is_loopback(peer)):
                 raise Refused(HTTPStatus.FORBIDDEN,
                               "rexec serves only loopback peers until it has a token: "
                               "start it with REXEC_TOKEN or --token-file (or --no-auth)")
@@ -1969,15 +2145,37 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             if not server.no_auth and host is not None and not is_literal_host(host):
                 raise Refused(HTTPStatus.FORBIDDEN, "without a token, the Host header must be "
                               "an IP address or localhost")
+            self.credential = ANONYMOUS
             return
-        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-                credentials.strip().encode("latin-1"), server.token):
+        scheme, _, presented = self.headers.get("Authorization", "").partition(" ")
+        credential = None
+        if scheme.lower() == "bearer":   # header values are Latin-1 (http.client)
+            credential = access.identify(presented.strip().encode("latin-1"))
+        if credential is not None and credential.admits(peer):
+            self.credential = credential
             return
-        log_event(logging.WARNING, "auth-failed", peer=self.client_address[0])
+        if credential is None:
+            log_event(logging.WARNING, "auth-failed", peer=peer)
+        else:   # the right token from the wrong place: it may have leaked
+            log_event(logging.WARNING, "auth-failed", peer=peer, token=credential.name,
+                      why="not from its from= networks")
         raise Refused(HTTPStatus.UNAUTHORIZED,
                       "this server wants an 'Authorization: Bearer <token>' header with its token",
                       [("WWW-Authenticate", 'Bearer realm="rexec"')])
+
+    def _permit(self, action):
+        """Refuse (403) what the role of an authorized request does not allow."""
+        credential = self.credential
+        if credential.role == "read" and action in (self.start_process, self.kill_process):
+            raise Refused(HTTPStatus.FORBIDDEN, "token %r has role=read: it starts and ends "
+                          "nothing" % credential.name)
+
+    def _allowlists(self):
+        """The allowlists that apply to this request: (cmd values, what to call it)."""
+        credential = self.credential
+        return [(names, what) for names, what in (
+            (self.server.allow, "--allow"),
+            (credential.allow, "allow= of token %r" % credential.name)) if names is not None]
 
     def _body_length(self):
         if "Transfer-Encoding" in self.headers:
@@ -2010,21 +2208,22 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         spec = parse_spec(self._read_body())
         self.alias = spec.alias
-        if server.allow is not None:
-            if spec.cmd not in server.allow:
-                raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (--allow)"
-                              % spec.cmd)
+        for names, what in self._allowlists():   # --allow, then the token's own allow=
+            if spec.cmd not in names:
+                raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (%s)"
+                              % (spec.cmd, what))
             # The file that runs is found in rexec's own PATH and cwd (resolve_allowed());
             # a request's own PATH or cwd would point at another one, so neither is taken.
             if ("/" not in spec.cmd and "PATH" in spec.envs
                     or "/" in spec.cmd and not os.path.isabs(spec.cmd) and spec.cwd != "."):
-                raise Refused(HTTPStatus.FORBIDDEN, "with --allow, cmd %r cannot come with its "
-                              "own PATH (envs) or cwd; allow an absolute path" % spec.cmd)
+                raise Refused(HTTPStatus.FORBIDDEN, "with %s, cmd %r cannot come with its "
+                              "own PATH (envs) or cwd; allow an absolute path"
+                              % (what, spec.cmd))
         log_event(logging.DEBUG, "request", alias=spec.alias, cmd=spec.cmd, args=spec.args,
                   cwd=spec.cwd, env_names=sorted(spec.envs), timeout=spec.timeout,
                   stdin_bytes=None if spec.stdin is None else len(spec.stdin),
                   stderr=spec.stderr, tty=spec.tty)
-        proc = Process(spec, server.grace, server.registry.release)
+        proc = Process(spec, server.grace, server.registry.release, self.credential.name)
         # Counted from before the claim: a shutdown that comes while Popen runs
         # must wait for this stream, or the child it is starting is orphaned.
         with server.stream_tracker(self.connection):
@@ -2036,7 +2235,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         """Start the claimed proc, or free its alias and refuse with 404."""
         server, spec = self.server, proc.spec
         try:
-            proc.start(resolve_allowed(spec.cmd) if server.allow is not None else None)
+            proc.start(resolve_allowed(spec.cmd) if self._allowlists() else None)
         except BaseException as exc:
             proc.ending.abandon()   # a DELETE that came between claim and start waits on it
             if not isinstance(exc, OSError):
@@ -2045,8 +2244,9 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             log_event(logging.INFO, "spawn-failed", alias=spec.alias, cmd=spec.cmd,
                       error=exc.strerror or str(exc))
             raise Refused(HTTPStatus.NOT_FOUND, "cannot start %r: %s" % (spec.cmd, os_reason(exc)))
-        server.metrics.count(started=1)
-        log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd)
+        server.metrics.count_start(proc.owner)
+        log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd,
+                  token=proc.owner or "-")
 
     def _stream(self, proc):
         """Stream proc's output as the Accept header asks (chosen_answer()): the
@@ -2068,7 +2268,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             log_event(logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
                       exit=ending.exit_code, reason=ending.reason,
                       duration=Duration.since(proc.started_mono),
-                      bytes=writer.sent)
+                      bytes=writer.sent, token=proc.owner or "-")
 
     def _pump(self, stream):
         """Send the head, run the stream (it reaps the child and frees the alias),
@@ -2137,9 +2337,10 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         return text
 
     def list_processes(self):
-        """GET /process: the running processes, oldest first."""
+        """GET /process: the running processes, oldest first; a run token's own only."""
         procs = self.server.registry.snapshot()
-        self.send_json(HTTPStatus.OK, [p.describe() for p in procs if p.pid is not None])
+        self.send_json(HTTPStatus.OK, [p.describe() for p in procs
+                                       if p.pid is not None and self.credential.owns(p)])
 
     def kill_process(self):
         """DELETE /process/ALIAS: end it as a timeout would, answer once it is reaped."""
@@ -2150,7 +2351,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.BAD_REQUEST, "the alias in the path is not UTF-8")
         self.alias = alias
         proc = self.server.registry.get(alias)
-        if proc is None:
+        if proc is None or not self.credential.owns(proc):   # another token's: as if none
             raise Refused(HTTPStatus.NOT_FOUND, "no process with alias %r is running" % alias)
         proc.ending.ask("killed")
         exit_code = proc.ending.wait()
@@ -2159,7 +2360,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.OK, {"alias": alias, "exit_code": exit_code})
 
     def serve_metrics(self):
-        body = self.server.metrics.render(len(self.server.registry))
+        body = self.server.metrics.render(len(self.server.registry), self.server.access.names)
         self.send_body(HTTPStatus.OK, body.encode("utf-8"),
                        "text/plain; version=0.0.4; charset=utf-8")
 
@@ -2213,7 +2414,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         log_event(logging.INFO, "access", peer=self.client_address[0], method=self.command or "-",
                   path=logged_path(self.path) if self.command else "-", status=status,
                   bytes=self.sent, duration=Duration.since(self.begun),
-                  alias=self.alias or "-")
+                  alias=self.alias or "-",
+                  token=self.credential and self.credential.name or "-")
 
 
 def resolve_allowed(cmd):
@@ -2317,7 +2519,8 @@ class RexecServer(_ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG   # the default 5 refuses a burst of connects
 
     def __init__(self, options, inherited_fd=None):
-        self.token = options.token
+        self.options = options         # what reload() reads the files of again
+        self.access = options.access   # replaced whole by reload(), never changed in place
         self.no_auth = options.no_auth
         self.allow = frozenset(options.allow) if options.allow else None
         self.grace = options.grace
@@ -2460,8 +2663,9 @@ class RexecServer(_ThreadingHTTPServer):
             self._streams_done.wait_for(lambda: not self._streams, CUT_WAIT)
 
     def take_signals(self, signal_fd):
-        """Read the signals that came (set_wakeup_fd wrote their numbers); log and
-        drop the ignored ones; True if one of them asks rexec to stop."""
+        """Read the signals that came (set_wakeup_fd wrote their numbers); reload
+        on SIGHUP; log and drop the ignored ones; True if one asks rexec to stop.
+        Runs on the main thread, so reloads never overlap."""
         try:
             numbers = os.read(signal_fd, 512)
         except BlockingIOError:
@@ -2470,12 +2674,31 @@ class RexecServer(_ThreadingHTTPServer):
         for signum in numbers:
             if signum in STOP_SIGNALS:
                 stop = True
+            elif signum == RELOAD_SIGNAL:
+                self.reload()
             else:
-                log_event(logging.WARNING if signum != signal.SIGHUP else logging.INFO,
-                          "signal-ignored", signal=signal_name(signum),
-                          why="no configuration to reload yet" if signum == signal.SIGHUP
-                          else "it has no meaning here")
+                log_event(logging.WARNING, "signal-ignored", signal=signal_name(signum),
+                          why="it has no meaning here")
         return stop
+
+    def reload(self):
+        """Read the tokens file, --token-file and the TLS files again, and put what
+        they say in force for the requests and handshakes that come next: each
+        setting is one reference, replaced whole.  Running processes and their
+        streams go on untouched.  If any file fails to load, the configuration
+        in force stays, all of it, and one line says why."""
+        try:
+            access = load_access(self.options)
+            ssl_context = load_ssl_context(self.options)
+        except ConfigError as exc:
+            log_event(logging.ERROR, "reload-failed", error=str(exc),
+                      kept="the configuration in force")
+            return
+        self.access = access
+        if ssl_context is not None:
+            self.ssl_context = ssl_context
+        log_event(logging.INFO, "reloaded", tokens=len(access.credentials),
+                  tls=ssl_context is not None)
 
 
 def signal_name(signum):
@@ -2604,7 +2827,9 @@ def server_arguments():
                         help="seconds between SIGTERM and SIGKILL, 0 to %d "
                         "(default %%(default)s)" % MAX_GRACE)
     parser.add_argument("--token-file", metavar="FILE", help="file whose first line is the "
-                        "bearer token (or set REXEC_TOKEN)")
+                        "bearer token (or set REXEC_TOKEN): a token named legacy, role=admin")
+    parser.add_argument("--tokens", metavar="FILE", help="named tokens, one a line: NAME "
+                        "sha256:HEX [role=run|read|admin] [allow=CMD]... [from=CIDR]...")
     parser.add_argument("--no-auth", action="store_true",
                         help="serve every peer without a token (dangerous beyond loopback)")
     parser.add_argument("--certfile", metavar="FILE", help="PEM certificate chain: serve HTTPS")
@@ -2663,6 +2888,7 @@ class ConfigError(Exception):
 
 
 MAX_TOKEN_FILE = 64 * 1024   # a token file is one short line: anything bigger is the wrong file
+MAX_TOKENS_FILE = 1 << 20    # --tokens: thousands of lines; anything bigger is the wrong file
 MAX_PEM_FILE = 1 << 20       # a certificate chain, key or CA bundle (the system one is ~220 KB)
 
 
@@ -2716,9 +2942,10 @@ def check_pem_files(*named):
 
 
 def load_token(options):
-    """The bearer token as bytes, from --token-file or REXEC_TOKEN; None if neither.
-    REXEC_TOKEN leaves the environment either way, or every child would inherit it."""
-    env_token = os.environ.pop("REXEC_TOKEN", None)
+    """The legacy bearer token as bytes, from --token-file or REXEC_TOKEN (which
+    serve() took out of the environment into options.env_token, or every child
+    would inherit it); None if neither."""
+    env_token = options.env_token
     if options.token_file:
         try:
             token = read_secret_file(options.token_file, "--token-file")
@@ -2807,6 +3034,43 @@ def unusable_ca(ca, exc):
                         % (option, path))
 
 
+def read_tokens_file(path):
+    """The Credentials of tokens file `path`; raises ConfigError."""
+    try:
+        with open(open_regular_file(path, "--tokens", MAX_TOKENS_FILE), "rb") as handle:
+            data = handle.read(MAX_TOKENS_FILE + 1)   # it may have grown since the fstat
+    except UnusableFile as exc:
+        raise ConfigError("cannot read %s" % exc)
+    except OSError as exc:
+        raise ConfigError("cannot read --tokens %r: %s" % (path, exc.strerror))
+    if len(data) > MAX_TOKENS_FILE:
+        raise ConfigError("cannot read --tokens %r: larger than %d bytes"
+                          % (path, MAX_TOKENS_FILE))
+    try:
+        return parse_tokens(data, path)
+    except TokensFileError as exc:
+        raise ConfigError(str(exc))
+
+
+def load_access(options):
+    """Who may do what (an Access), from --tokens, --token-file and REXEC_TOKEN;
+    raises ConfigError.  Run at start and again on each reload."""
+    credentials = read_tokens_file(options.tokens) if options.tokens else []
+    if options.tokens and options.no_auth:
+        raise ConfigError("--no-auth and --tokens contradict each other")
+    if options.tokens and not credentials:
+        log_event(logging.WARNING, "no-tokens", file=options.tokens,
+                  why="every request but GET /health is refused")
+    token = load_token(options)
+    if token is not None:
+        legacy = Credential(LEGACY_TOKEN, hashlib.sha256(token).digest(), "admin")
+        if any(hmac.compare_digest(legacy.digest, c.digest) for c in credentials):
+            raise ConfigError("the token of REXEC_TOKEN or --token-file is also in --tokens: "
+                              "give each its own")
+        credentials.append(legacy)
+    return Access(credentials, required=bool(options.tokens))
+
+
 def load_ssl_context(options):
     if not options.certfile:
         if options.keyfile or options.client_ca:
@@ -2838,8 +3102,9 @@ def serve(argv):
     """Run the server until SIGTERM, SIGINT or SIGQUIT; returns the exit status."""
     options = server_arguments().parse_args(argv)
     setup_logging(options.verbosity, options.log_format)
+    options.env_token = os.environ.pop("REXEC_TOKEN", None)   # no child may inherit it
     try:
-        options.token = load_token(options)
+        options.access = load_access(options)
         options.ssl_context = load_ssl_context(options)
     except ConfigError as exc:
         print("rexec: %s" % exc, file=sys.stderr)
@@ -2853,7 +3118,7 @@ def serve(argv):
     stop_r, stop_w = os.pipe()
     os.set_blocking(stop_w, False)
     os.set_blocking(stop_r, False)
-    for signum in STOP_SIGNALS | IGNORED_SIGNALS:
+    for signum in STOP_SIGNALS | IGNORED_SIGNALS | {RELOAD_SIGNAL}:
         signal.signal(signum, lambda *_: None)
     signal.set_wakeup_fd(stop_w)
     try:
@@ -2868,7 +3133,7 @@ def serve(argv):
     if options.no_auth and not is_loopback(host):
         log_event(logging.WARNING, "no-auth",
                   **dict(where, why="anyone who can reach it may run any command"))
-    elif options.token is None and not is_loopback(host):
+    elif not options.access.required and not is_loopback(host):
         log_event(logging.INFO, "protected-mode",
                   why="no token, so only loopback peers are served")
     server.serve_until(stop_r)
@@ -2876,6 +3141,47 @@ def serve(argv):
     server.drain(stop_r)
     server.server_close()
     log_event(logging.INFO, "stopped")
+    return 0
+
+
+def token_arguments():
+    parser = ArgumentParser(prog="rexec token", description="Make a new random token named "
+                            "NAME: print it once, for its holder, and the line that lets "
+                            "it in, for the --tokens file (then reload: kill -HUP).")
+    parser.add_argument("name", metavar="NAME", help="its name in logs, listings and metrics")
+    parser.add_argument("--role", choices=ROLES, default="run",
+                        help="run (default): start, list and end its own processes; read: "
+                        "list all, start nothing; admin: everything")
+    parser.add_argument("--allow", action="append", default=[], metavar="CMD",
+                        help="it may start only this cmd (repeatable)")
+    parser.add_argument("--from", dest="networks", action="append", default=[],
+                        metavar="CIDR", help="it is accepted only from this network (repeatable)")
+    return parser
+
+
+def token_main(argv):
+    """rexec.py token NAME ...: the token on stdout's first line, its tokens-file
+    line on the second (a note on stderr says which is which); exit status 2
+    for arguments that make no valid line."""
+    parser = token_arguments()
+    options = parser.parse_args(argv)
+    networks = []
+    for text in options.networks:
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError as exc:
+            parser.error("--from takes an address or a network (CIDR): %s" % exc)
+    if "" in options.allow:
+        parser.error("--allow takes a cmd, not an empty string")
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    line = token_line(options.name, token, options.role, options.allow, networks)
+    try:   # the line must be one the server takes, or it is no use printing
+        parse_token_words(shlex.split(line), ValueError)
+    except ValueError as exc:
+        parser.error(str(exc))
+    say("the token, shown only this once, then the line for the --tokens file:")
+    print(token)
+    print(line)
     return 0
 
 
@@ -3468,6 +3774,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in CLIENT_COMMANDS:
         return client_main(argv)
+    if argv[:1] == ["token"]:
+        return token_main(argv[1:])
     return serve(argv)
 
 

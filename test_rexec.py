@@ -15,6 +15,7 @@ ServerTestCase, the fixtures that most tests share; the benchmark comes last.
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -1605,9 +1606,10 @@ while True:
 """
 
 
-class NonLoopbackTests(unittest.TestCase):
+class NetnsTestCase(unittest.TestCase):
     """A real non-loopback peer: a client in a network namespace of its own,
-    joined to this one by a veth pair (needs root and the `ip` command)."""
+    joined to this one by a veth pair (needs root and the `ip` command).  The
+    peer is self.peer_ip; this host is self.host_ip to it."""
 
     def setUp(self):
         if IP is None or os.geteuid() != 0:
@@ -1657,6 +1659,10 @@ class NonLoopbackTests(unittest.TestCase):
                                 timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         return result.stdout
+
+
+class NonLoopbackTests(NetnsTestCase):
+    """Protected mode, a token and --no-auth against a non-loopback peer."""
 
     def test_protected_mode_refuses_other_peers(self):
         server = self.start()
@@ -2882,9 +2888,10 @@ class EndingHardeningTests(ServerTestCase):
             os.kill(self.server.proc.pid, signum)
         if rtmin:
             self.server.wait_log(r"signal-ignored signal=SIGRTMIN\+1 ")
-        for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF"):
+        for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF"):
             self.server.wait_log(r"signal-ignored signal=%s " % name)
-        self.server.wait_log(r"INFO signal-ignored signal=SIGHUP why=\"no configuration to reload")
+        self.server.wait_log(r"INFO reloaded tokens=0 tls=False")   # SIGHUP reloads (issue 17)
+        self.assertNotIn("signal=SIGHUP", self.server.log())
         self.assertIsNone(self.server.proc.poll())
         self.assertTrue(pid_alive(pid))
         self.assertEqual(run(self.server, {"alias": "after", "cmd": "echo", "args": ["ok"]}).body,
@@ -3912,6 +3919,513 @@ class NewUserTests(ServerTestCase):
                 (client + ["--cert", junk], "rexec: cannot load --cert %r: no certificate" % junk)):
             with self.subTest(args=args[3:]):
                 self.assertUsageError(args, message)
+
+
+# --------------------------------------------------------------------------
+# Who may do what: named tokens (issue 17)
+# --------------------------------------------------------------------------
+
+def new_token():
+    """A random token, as `rexec.py token` makes them."""
+    import secrets
+    return secrets.token_urlsafe(32)
+
+
+def bearer(token):
+    return {"Authorization": "Bearer " + token} if token else {}
+
+
+class TokenTests(ServerTestCase):
+    """--tokens FILE: named tokens with roles, allow= and from=; the legacy
+    token beside them; reloading on SIGHUP.  Each test starts its own servers."""
+
+    def setUp(self):
+        self.server = None   # no default server: each test names its tokens first
+        self.tokens = {name: new_token() for name in ("ci", "ci2", "dash", "boss", "legacy")}
+
+    def tokens_file(self, *lines, name="tokens"):
+        """A tokens file of `lines` (text) in this test's directory; its path."""
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        return path
+
+    def line(self, name, *options):
+        """The tokens-file line of self.tokens[name], with `options`."""
+        digest = hashlib.sha256(self.tokens[name].encode()).hexdigest()
+        return " ".join((name, "sha256:" + digest) + options)
+
+    def start(self, *args, env=None):
+        server = Server(*args, env=env)
+        self.addCleanup(server.stop)
+        return server
+
+    def ask(self, server, method, path, body=None, token=None):
+        """One request on a connection of its own (a 401 closes it)."""
+        with Conn(server) as conn:
+            return conn.request(method, path, body, headers=bearer(token))
+
+    def stream(self, server, alias, token, script="echo ready; sleep 300"):
+        """A stream of `sh -c script` started with `token`, its first chunk read."""
+        conn = Conn(server)
+        self.addCleanup(conn.close)
+        conn.send("POST", "/process", {"alias": alias, "cmd": "sh", "args": ["-c", script]},
+                  headers=bearer(token))
+        self.assertEqual(conn.head()[0], 200)
+        self.first_chunk(conn, b"ready\n")
+        return conn
+
+    def listed(self, server, token):
+        return [(p["alias"], p["owner"]) for p in self.ask(server, "GET", "/process",
+                                                           token=token).json()]
+
+    def hup(self, server, pattern=r"INFO reloaded "):
+        """SIGHUP the server and wait for its reload line (one more of them)."""
+        done = len(re.findall(r"reload", server.log()))
+        server.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: len(re.findall(r"reload", server.log())) > done),
+                        server.log())
+        return server.wait_log(pattern)
+
+    def role_server(self, *args):
+        path = self.tokens_file("# CI runners, a dashboard and an operator", "",
+                                self.line("ci"), self.line("ci2", "role=run"),
+                                self.line("dash", "role=read"), self.line("boss", "role=admin"))
+        return self.start("--tokens", path, *args, env={"REXEC_TOKEN": self.tokens["legacy"]})
+
+    def test_each_role_against_each_endpoint(self):
+        server = self.role_server()
+        missing = "no process with alias %r is running\n"
+        # who: POST, GET /process, DELETE its own, DELETE another's, GET /metrics, GET /health
+        expected = {"ci": (200, 200, 200, 404, 200, 200),
+                    "dash": (403, 200, None, 403, 200, 200),
+                    "boss": (200, 200, 200, 200, 200, 200),
+                    "legacy": (200, 200, 200, 200, 200, 200),
+                    "none": (401, 401, None, 401, 401, 200),
+                    "wrong": (401, 401, None, 401, 401, 200)}
+        for who, statuses in expected.items():
+            token = self.tokens.get(who, "wrong-token-%d" % os.getpid() if who == "wrong" else None)
+            other = "other-" + who
+            self.stream(server, other, self.tokens["ci2"])
+            if statuses[2]:
+                self.stream(server, "own-" + who, token)
+            with self.subTest(who=who):
+                post = self.ask(server, "POST", "/process",
+                                {"alias": "p-" + who, "cmd": "printf", "args": ["ok"]}, token)
+                listing = self.ask(server, "GET", "/process", token=token)
+                own = statuses[2] and self.ask(server, "DELETE", "/process/own-" + who,
+                                               token=token)
+                theirs = self.ask(server, "DELETE", "/process/" + other, token=token)
+                metrics = self.ask(server, "GET", "/metrics", token=token)
+                health = self.ask(server, "GET", "/health", token=token)
+                got = (post.status, listing.status, own and own.status, theirs.status,
+                       metrics.status, health.status)
+                self.assertEqual(got, statuses)
+                if post.status == 200:
+                    self.assertEqual(post.body, b"ok")
+                if who == "dash":
+                    self.assertEqual(post.body, b"token 'dash' has role=read: it starts and "
+                                                b"ends nothing\n")
+                    self.assertEqual(theirs.body, post.body)
+                if who == "ci":   # as if another token's process did not exist
+                    self.assertEqual(theirs.body, (missing % other).encode())
+                    self.assertEqual(self.ask(server, "DELETE", "/process/nothing",
+                                              token=token).body, (missing % "nothing").encode())
+                    self.assertEqual([(p["alias"], p["owner"]) for p in listing.json()],
+                                     [("own-ci", "ci")])   # not other-ci, ci2's
+                if listing.status == 200 and who != "ci":
+                    owners = {p["alias"]: p["owner"] for p in listing.json()}
+                    self.assertEqual(owners.get(other), "ci2")
+                    if statuses[2]:
+                        self.assertEqual(owners["own-" + who], who)
+                if who == "wrong":
+                    self.assertNotIn(self.tokens["ci"].encode(), post.raw)
+        # What a run token lists: its own processes only; the others see all, with owners.
+        self.stream(server, "mine", self.tokens["ci"])
+        self.assertEqual(self.listed(server, self.tokens["ci"]), [("mine", "ci")])
+        everything = self.listed(server, self.tokens["dash"])
+        self.assertIn(("mine", "ci"), everything)
+        self.assertIn(("other-ci", "ci2"), everything)
+        self.assertEqual(everything, self.listed(server, self.tokens["boss"]))
+        # a busy alias is still a 409 to a run token (the README says so)
+        response = self.ask(server, "POST", "/process", {"alias": "other-ci", "cmd": "true"},
+                            self.tokens["ci"])
+        self.assertEqual(response.status, 409)
+
+    def test_allow_per_token_on_top_of_allow(self):
+        echo = shutil.which("echo")
+        path = self.tokens_file(self.line("ci", "allow=printf", "allow=ls"), self.line("boss"),
+                                self.line("dash", "role=admin", "allow=" + echo))
+        server = self.start("--tokens", path, "--allow", "echo", "--allow", "printf",
+                            "--allow", echo)
+        ci, boss = self.tokens["ci"], self.tokens["boss"]
+
+        def post(token, cmd, **fields):
+            fields.update(alias="a", cmd=cmd, args=["hi"])
+            response = self.ask(server, "POST", "/process", fields, token)
+            return response.status, response.body
+        self.assertEqual(post(ci, "printf"), (200, b"hi"))
+        self.assertEqual(post(ci, "echo"), (403, b"command 'echo' is not allowed here "
+                                                 b"(allow= of token 'ci')\n"))
+        # --allow still applies to every token: ls is in ci's allow= but not in --allow
+        self.assertEqual(post(ci, "ls"), (403, b"command 'ls' is not allowed here (--allow)\n"))
+        self.assertEqual(post(boss, "echo"), (200, b"hi\n"))
+        self.assertEqual(post(boss, "ls"), (403, b"command 'ls' is not allowed here (--allow)\n"))
+        # the same rules as --allow: no PATH of its own, the file rexec finds
+        self.assertEqual(post(self.tokens["dash"], echo), (200, b"hi\n"))
+        self.assertEqual(post(self.tokens["dash"], "echo"),
+                         (403, b"command 'echo' is not allowed here (allow= of token 'dash')\n"))
+        only = self.start("--tokens", self.tokens_file(self.line("ci", "allow=echo"),
+                                                       name="only"))
+        self.assertEqual(self.ask(only, "POST", "/process", {
+            "alias": "a", "cmd": "echo", "args": ["x"], "envs": {"PATH": self.tmp}}, ci).body,
+            b"with allow= of token 'ci', cmd 'echo' cannot come with its own PATH (envs) or "
+            b"cwd; allow an absolute path\n")
+        directory = os.path.join(self.tmp, "bin")
+        os.mkdir(directory)
+        with open(os.path.join(directory, "echo"), "w") as handle:
+            handle.write("#!/bin/sh\necho pwned\n")
+        os.chmod(os.path.join(directory, "echo"), 0o755)
+        response = self.ask(only, "POST", "/process", {"alias": "a", "cmd": "echo",
+                                                       "args": ["x"], "cwd": directory}, ci)
+        self.assertEqual(response.body, b"x\n")   # rexec's own PATH, never ./echo
+
+    def test_legacy_token_file_is_an_admin_beside_the_tokens_file(self):
+        secret = os.path.join(self.tmp, "secret")
+        with open(secret, "w") as handle:
+            handle.write(self.tokens["legacy"] + "\n")
+        os.chmod(secret, 0o600)
+        server = self.start("--tokens", self.tokens_file(self.line("ci")), "--token-file", secret)
+        self.stream(server, "ci-job", self.tokens["ci"])
+        legacy = self.tokens["legacy"]
+        self.assertEqual(self.listed(server, legacy), [("ci-job", "ci")])
+        self.assertEqual(self.ask(server, "DELETE", "/process/ci-job", token=legacy).status, 200)
+        self.stream(server, "mine", legacy)
+        self.assertEqual(self.listed(server, legacy), [("mine", "legacy")])
+        self.assertEqual(self.listed(server, self.tokens["ci"]), [])
+        server.wait_log(r"INFO start alias=mine pid=\d+ cmd=sh token=legacy\n")
+        # without --tokens, the one token is named legacy too; with none, there is no owner
+        alone = self.start(env={"REXEC_TOKEN": legacy})
+        self.stream(alone, "solo", legacy)
+        self.assertEqual(self.listed(alone, legacy), [("solo", "legacy")])
+        open_server = self.start()
+        self.stream(open_server, "anon", None)
+        self.assertEqual(self.listed(open_server, None), [("anon", None)])
+        open_server.wait_log(r"INFO start alias=anon pid=\d+ cmd=sh token=-\n")
+
+    def test_logs_name_the_token_never_its_hash_or_value(self):
+        for fmt in ("text", "json"):
+            server = self.role_server("-vv", "--log-format", fmt)
+            for who in ("ci", "boss", "legacy", "dash"):
+                self.ask(server, "POST", "/process", {"alias": "l-" + who, "cmd": "printf",
+                                                      "args": ["abc"]}, self.tokens[who])
+                self.ask(server, "GET", "/process", token=self.tokens[who])
+            self.ask(server, "GET", "/process", token=self.tokens["ci"] + "x")
+            self.ask(server, "GET", "/process", token=self.tokens["ci"][:-1])
+            with self.subTest(fmt=fmt):
+                if fmt == "text":
+                    server.wait_log(r"INFO start alias=l-ci pid=\d+ cmd=printf token=ci\n")
+                    server.wait_log(r"INFO end alias=l-ci .* bytes=3 token=ci\n")
+                    server.wait_log(r"INFO access peer=127\.0\.0\.1 method=POST path=/process "
+                                    r"status=200 .* alias=l-ci token=ci\n")
+                    server.wait_log(r"INFO access .* status=200 .* alias=l-legacy token=legacy\n")
+                    server.wait_log(r"INFO access .*method=GET path=/process status=200 .* "
+                                    r"token=dash\n")
+                    server.wait_log(r"INFO access .*method=POST path=/process status=403 .* "
+                                    r"token=dash\n")
+                    server.wait_log(r"INFO access .*status=401 .* token=-\n")
+                    server.wait_log(r"WARNING auth-failed peer=127\.0\.0\.1\n")
+                    server.wait_log(r"TRACE chunk alias=l-boss")
+                else:
+                    server.wait_log(r'"event": "end", "alias": "l-boss".*"token": "boss"')
+                    server.wait_log(r'"event": "access".*"status": 401.*"token": "-"')
+                self.assertEqual(server.stop(), 0)
+                log = server.log()
+                for name, token in self.tokens.items():
+                    digest = hashlib.sha256(token.encode()).hexdigest()
+                    for secret in (token, token[:12], digest[:16], digest[-16:]):
+                        self.assertNotIn(secret, log)
+                        self.assertNotIn(secret.upper(), log)
+
+    def test_metrics_count_starts_by_token(self):
+        server = self.role_server()
+        for who, times in (("ci", 2), ("boss", 1), ("legacy", 1)):
+            for _ in range(times):
+                self.ask(server, "POST", "/process", {"alias": who, "cmd": "true"},
+                         self.tokens[who])
+        body = self.ask(server, "GET", "/metrics", token=self.tokens["dash"]).body.decode()
+        samples = re.findall(r"^rexec_processes_started_total(\S*) (\S+)$", body, re.M)
+        self.assertEqual(samples, [('{token="boss"}', "1"), ('{token="ci"}', "2"),
+                                   ('{token="ci2"}', "0"), ('{token="dash"}', "0"),
+                                   ('{token="legacy"}', "1")])
+
+    def test_the_token_commands_line_is_accepted_by_the_server(self):
+        def make(*args):
+            done = subprocess.run([sys.executable, REXEC, "token"] + list(args),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.stderr, b"rexec: the token, shown only this once, then the "
+                                          b"line for the --tokens file:\n")
+            token, line = done.stdout.decode().splitlines()
+            return token, line
+        echo = shutil.which("echo")
+        runner, runner_line = make("ci", "--allow", echo, "--allow", "/no such/dir",
+                                   "--from", "127.0.0.0/8", "--from", "::1")
+        reader, reader_line = make("dash", "--role", "read")
+        self.assertGreaterEqual(len(base64.urlsafe_b64decode(runner + "=" * (-len(runner) % 4))),
+                                32)
+        self.assertNotEqual(runner, reader)
+        self.assertRegex(runner_line, r"^ci sha256:[0-9a-f]{64} role=run allow=%s "
+                                      r"allow='/no such/dir' from=127\.0\.0\.0/8 from=::1/128$"
+                         % re.escape(echo))
+        self.assertIn(hashlib.sha256(runner.encode()).hexdigest(), runner_line)
+        self.assertNotIn(runner, runner_line)
+        server = self.start("--tokens", self.tokens_file("# made by rexec.py token",
+                                                         runner_line, reader_line))
+        response = self.ask(server, "POST", "/process", {"alias": "t", "cmd": echo,
+                                                         "args": ["made"]}, runner)
+        self.assertEqual(response.body, b"made\n")
+        self.assertEqual(self.ask(server, "POST", "/process", {"alias": "t", "cmd": "/no such/dir"},
+                                  runner).status, 404)   # allowed, and quoted right
+        self.assertEqual(self.ask(server, "GET", "/process", token=reader).status, 200)
+        self.assertEqual(self.ask(server, "POST", "/process", {"alias": "t", "cmd": echo},
+                                  reader).status, 403)
+        for args, message in ((["bad name"], "a name is 1 to 32 letters"),
+                              (["legacy"], "the name 'legacy' is kept"),
+                              (["x", "--role", "root"], "invalid choice: 'root'"),
+                              (["x", "--from", "10.0.0.1/8"], "has host bits set"),
+                              (["x", "--allow", ""], "--allow takes a cmd"), ([], "NAME")):
+            done = subprocess.run([sys.executable, REXEC, "token"] + args, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=30)
+            with self.subTest(args=args):
+                self.assertEqual((done.returncode, done.stdout), (2, b""))
+                self.assertIn(message, done.stderr.decode())
+                self.assertEqual(done.stderr.count(b"\n"), 1)
+
+    def test_a_malformed_file_names_the_line_and_exits_2(self):
+        digest = "sha256:" + "ab" * 32
+        pasted = new_token()
+        cases = [
+            (["ci"], 1, "expected NAME sha256:HEX [OPTION ...]"),
+            (["# fine", "", "ci sha256:abc"], 3, "the second word must be sha256: and 64 hex"),
+            (["ci %s role=root" % digest], 1, "role= takes run, read or admin"),
+            (["ci %s role=read role=admin" % digest], 1, "role= is given twice"),
+            (["ci %s" % digest, "ci %s" % digest.replace("ab", "cd")], 2,
+             "the same name as line 1"),
+            (["ci %s" % digest, "cd %s" % digest], 2, "the same token as line 1"),
+            (["ci %s from=10.0.0.300" % digest], 1, "from= takes an address or a network"),
+            (["ci %s colour=blue" % digest], 1, "word 3 is no option"),
+            (["ci %s allow=" % digest], 1, "word 3 is no option"),
+            (["legacy %s" % digest], 1, "the name 'legacy' is kept for the token of REXEC_TOKEN"),
+            (["c/i %s" % digest], 1, "a name is 1 to 32 letters"),
+            (["ci %s 'allow=x" % digest], 1, "no closing quotation"),
+            (["ci %s allow=\x1b[2J" % digest], 1, "a control or other unprintable character"),
+            ([pasted], 1, "expected NAME sha256:HEX"),
+            ([pasted + " " + pasted], 1, "a name is 1 to 32 letters"),
+        ]
+        for lines, number, problem in cases:
+            path = self.tokens_file(*lines)
+            with self.subTest(lines=lines):
+                self.assertBadStart(["--tokens", path], "rexec: --tokens %r line %d: %s"
+                                    % (path, number, problem), pasted)
+        with open(path, "wb") as handle:
+            handle.write(b"# ok\n" + b"ci %s allow=\xff\n" % digest.encode())
+        self.assertBadStart(["--tokens", path], "rexec: --tokens %r line 2: not UTF-8 text" % path)
+        with open(path, "wb") as handle:
+            handle.write(b"#" * (1 << 20) + b"\n")
+        self.assertBadStart(["--tokens", path], "rexec: cannot read --tokens %r: larger than "
+                                                "1048576 bytes" % path)
+        for bad in (os.path.join(self.tmp, "none"), self.tmp):
+            self.assertBadStart(["--tokens", bad], "rexec: cannot read --tokens %r: " % bad)
+        fine = self.tokens_file("ci %s" % digest)
+        self.assertBadStart(["--tokens", fine, "--no-auth"],
+                            "rexec: --no-auth and --tokens contradict each other")
+        self.assertBadStart(["--tokens", self.tokens_file(self.line("ci"))],
+                            "rexec: the token of REXEC_TOKEN or --token-file is also in --tokens",
+                            env={"REXEC_TOKEN": self.tokens["ci"]})
+
+    def assertBadStart(self, args, message, secret=None, env=None):
+        """rexec started with `args` exits 2 with one line on stderr that starts with `message`."""
+        done = subprocess.run([sys.executable, REXEC, "-i", "127.0.0.1", "-p", "0"] + args,
+                              env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=30)
+        stderr = done.stderr.decode()
+        self.assertEqual(done.returncode, 2, stderr)
+        self.assertTrue(stderr.startswith(message), stderr)
+        self.assertEqual(stderr.count("\n"), 1, stderr)
+        if secret:
+            self.assertNotIn(secret, stderr)
+
+    def test_a_tokens_file_without_tokens_refuses_everyone(self):
+        server = self.start("--tokens", self.tokens_file("# nobody yet", ""))
+        server.wait_log(r"WARNING --tokens '.*' lists no token: every request but GET /health "
+                        r"is refused")
+        self.assertEqual(self.ask(server, "GET", "/process").status, 401)   # even from loopback
+        self.assertEqual(self.ask(server, "GET", "/health").status, 200)
+
+    def test_a_stream_outlives_a_reload_that_removes_its_token(self):
+        path = self.tokens_file(self.line("ci"), self.line("boss", "role=admin"))
+        server = self.start("--tokens", path)
+        go = os.path.join(self.tmp, "go")
+        conn = self.stream(server, "long", self.tokens["ci"],
+                           "echo ready; while [ ! -e %s ]; do sleep 0.05; done; echo after" % go)
+        old_ci = bearer(self.tokens["ci"])
+        kept = Conn(server)   # keep-alive: its next request comes after the reload
+        self.addCleanup(kept.close)
+        self.assertEqual(kept.request("GET", "/process", headers=old_ci).json()[0]["alias"],
+                         "long")
+        self.tokens["ci"] = new_token()   # rotated: the same name, a new secret
+        with open(path + ".new", "w") as handle:   # written whole, then renamed into place
+            handle.write(self.line("ci") + "\n" + self.line("dash", "role=read") + "\n")
+        os.rename(path + ".new", path)
+        self.hup(server, r"INFO reloaded tokens=2 tls=False\n")
+        # The old ci secret and the removed boss are refused; the new ci owns the stream.
+        self.assertEqual(kept.request("GET", "/process", headers=old_ci).status, 401)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status, 401)
+        self.assertEqual(self.listed(server, self.tokens["ci"]), [("long", "ci")])
+        self.assertEqual(self.listed(server, self.tokens["dash"]), [("long", "ci")])
+        open(go, "w").close()
+        response = conn.rest()
+        self.assertEqual(response.body, b"after\n")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"})
+        server.wait_log(r"INFO end alias=long .*reason=exit .*token=ci\n")
+
+    def test_a_request_after_a_reload_is_judged_by_the_new_file(self):
+        path = self.tokens_file(self.line("ci"), self.line("boss", "role=admin"))
+        server = self.start("--tokens", path)
+        with Conn(server) as kept:   # keep-alive across the reload
+            good = bearer(self.tokens["boss"])
+            self.assertEqual(kept.request("GET", "/process", headers=good).status, 200)
+            self.tokens_file(self.line("ci"), self.line("boss", "role=read"))
+            self.hup(server)
+            response = kept.request("POST", "/process", {"alias": "a", "cmd": "true"},
+                                    headers=good)
+            self.assertEqual((response.status, response.body),
+                             (403, b"token 'boss' has role=read: it starts and ends nothing\n"))
+        self.tokens_file(self.line("ci"))
+        with Conn(server) as kept:
+            self.assertEqual(kept.request("GET", "/process", headers=good).status, 200)
+            self.hup(server)
+            self.assertEqual(kept.request("GET", "/process", headers=good).status, 401)
+
+    def test_a_broken_file_keeps_the_old_configuration(self):
+        path = self.tokens_file(self.line("ci"))
+        server = self.start("--tokens", path)
+        self.tokens_file("# the new list", self.line("ci"), self.line("boss", "role=boss"))
+        self.hup(server, r"ERROR reload-failed error=\"--tokens '%s' line 3: role= takes run, "
+                         r"read or admin\" kept=\"the configuration in force\"\n"
+                 % re.escape(path))
+        self.assertEqual(server.log().count("reload-failed"), 1)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["ci"]).status, 200)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status,
+                         401)
+        os.remove(path)
+        self.hup(server, r"ERROR reload-failed error=\"cannot read --tokens '%s': No such file"
+                 % re.escape(path))
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["ci"]).status, 200)
+        self.tokens_file(self.line("boss", "role=admin"))
+        self.hup(server, r"INFO reloaded tokens=1 tls=False\n")
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status,
+                         200)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["ci"]).status, 401)
+        self.assertIsNone(server.proc.poll())
+
+    def test_the_legacy_token_file_is_read_again_on_reload(self):
+        secret = os.path.join(self.tmp, "secret")
+        with open(secret, "w") as handle:
+            handle.write(self.tokens["legacy"] + "\n")
+        server = self.start("--token-file", secret)
+        old = self.tokens["legacy"]
+        with open(secret, "w") as handle:
+            handle.write(self.tokens["boss"] + "\n")
+        self.hup(server, r"INFO reloaded tokens=1 tls=False\n")
+        self.assertEqual(self.ask(server, "GET", "/process", token=old).status, 401)
+        self.assertEqual(self.ask(server, "GET", "/process", token=self.tokens["boss"]).status,
+                         200)
+        # REXEC_TOKEN left the environment at start, and a reload keeps it
+        env_server = self.start(env={"REXEC_TOKEN": old})
+        self.hup(env_server, r"INFO reloaded tokens=1 tls=False\n")
+        self.assertEqual(self.ask(env_server, "GET", "/process", token=old).status, 200)
+
+    def test_a_renewed_certificate_is_served_after_sighup(self):
+        if OPENSSL is None or rexec.ssl is None:
+            self.skipTest("needs the openssl command and the ssl module")
+        import ssl
+        old_pki = make_test_pki(tempfile.mkdtemp(dir=self.tmp))
+        new_pki = make_test_pki(tempfile.mkdtemp(dir=self.tmp))
+        cert, key = os.path.join(self.tmp, "cert.pem"), os.path.join(self.tmp, "key.pem")
+        shutil.copy(old_pki["server.pem"], cert)
+        shutil.copy(old_pki["server.key"], key)
+        server = self.start("--certfile", cert, "--keyfile", key,
+                            "--tokens", self.tokens_file(self.line("ci")))
+
+        def tls_conn(pki):
+            context = ssl.create_default_context(cafile=pki["ca.pem"])
+            return Conn(server, sock=context.wrap_socket(server.connect(),
+                                                         server_hostname="localhost"))
+        go = os.path.join(self.tmp, "go")
+        before = tls_conn(old_pki)
+        self.addCleanup(before.close)
+        before.send("POST", "/process", {"alias": "tls", "cmd": "sh", "args": [
+            "-c", "echo ready; while [ ! -e %s ]; do sleep 0.05; done; echo after" % go]},
+            headers=bearer(self.tokens["ci"]))
+        self.assertEqual(before.head()[0], 200)
+        self.first_chunk(before, b"ready\n")
+        # a broken renewal: the key of another certificate; the old one stays in force
+        shutil.copy(new_pki["server.pem"], cert)
+        self.hup(server, r"ERROR reload-failed error=\"cannot load the TLS files: ")
+        with tls_conn(old_pki) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+        shutil.copy(new_pki["server.key"], key)
+        self.hup(server, r"INFO reloaded tokens=1 tls=True\n")
+        with tls_conn(new_pki) as conn:
+            self.assertEqual(conn.request("GET", "/health").body, b"ok\n")
+            self.assertEqual(conn.request("GET", "/process", headers=bearer(
+                self.tokens["ci"])).json()[0]["alias"], "tls")
+        with self.assertRaises(ssl.SSLError):   # the old certificate is served no more
+            tls_conn(old_pki).close()
+        open(go, "w").close()
+        response = before.rest()   # the stream from before the reload ends as ever
+        self.assertEqual(response.body, b"after\n")
+        self.assertEqual(response.trailers, {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"})
+
+
+class TokenNonLoopbackTests(NetnsTestCase):
+    """from= against a real non-loopback peer (NetnsTestCase's namespace)."""
+
+    def test_from_limits_where_a_token_is_accepted(self):
+        options = {"anywhere": "", "local": "from=127.0.0.0/8 from=::1",
+                   "near": "from=" + self.peer_ip, "wide": "from=10.0.0.0/8 from=fd00::/8"}
+        tokens = {name: new_token() for name in options}
+        lines = ["%s sha256:%s %s" % (name, hashlib.sha256(token.encode()).hexdigest(),
+                                      options[name]) for name, token in tokens.items()]
+        path = os.path.join(tempfile.mkdtemp(prefix="rexec-test-"), "tokens")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path), True)
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        server = self.start("--tokens", path)
+        spec = {"alias": "r", "cmd": "printf", "args": ["remote"]}
+        streamed = b"\r\n\r\n6\r\nremote\r\n0\r\nRexec-Exit-Code: 0\r\nRexec-Reason: exit\r\n\r\n"
+        for name, remote_ok, local_ok in (("anywhere", True, True), ("local", False, True),
+                                          ("near", True, False), ("wide", True, False)):
+            token = tokens[name]
+            with self.subTest(token=name):
+                raw = self.remote(server, "POST", "/process", spec,
+                                  [("Authorization", "Bearer " + token)])
+                if remote_ok:
+                    self.assertTrue(raw.endswith(streamed), raw)
+                else:
+                    self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw)
+                with Conn(server) as conn:
+                    status = conn.request("GET", "/process", headers=bearer(token)).status
+                self.assertEqual(status, 200 if local_ok else 401)
+        server.wait_log(r"WARNING auth-failed peer=%s token=local why=\"not from its from= "
+                        r"networks\"\n" % re.escape(self.peer_ip))
+        server.wait_log(r"WARNING auth-failed peer=127\.0\.0\.1 token=near ")
+        server.wait_log(r"access peer=%s method=POST path=/process status=200 .* token=near\n"
+                        % re.escape(self.peer_ip))
+        for token in tokens.values():
+            self.assertNotIn(token, server.log())
 
 
 # ==========================================================================
