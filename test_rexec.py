@@ -2946,7 +2946,8 @@ class EndingHardeningTests(ServerTestCase):
         self.assertFalse(pid_alive(pid))
 
     def test_a_paused_readers_stream_still_logs_its_end_at_a_stop(self):
-        server = Server("--grace", "0.2", prelude="rexec.WRITE_TIMEOUT = 3600")
+        server = Server("--grace", "0.2",
+                        prelude="rexec.WRITE_TIMEOUT = 3600; rexec.DRAIN_SLACK = 0.5")
         self.addCleanup(server.stop)
         sock = server.connect(timeout=20, rcvbuf=4096)
         paused = Conn(server, sock=sock)
