@@ -5,8 +5,10 @@ A client POSTs a JSON description of a command to /process.  rexec starts it
 in a process group of its own and streams whatever it writes to stdout back as
 the HTTP response, live, in chunks written as soon as they are read; the
 response ends with trailers that carry the exit status (Rexec-Exit-Code) and
-why the process ended (Rexec-Reason).  Closing the connection ends the whole
-process group.  GET /process lists what runs, DELETE /process/ALIAS ends one,
+why the process ended (Rexec-Reason); for clients that drop trailers, the
+Accept header can ask for server-sent events instead, or for one JSON answer
+once the process has ended.  Closing the connection ends the whole process
+group.  GET /process lists what runs, DELETE /process/ALIAS ends one,
 GET /metrics and GET /health are for operators.  The same file is a client:
 
     python3 rexec.py --port 8910                              # the server
@@ -25,7 +27,9 @@ Standard library only; CPython 3.6 or newer; Linux first, other POSIX systems
 The sections of this file, in order:
 
     Protocol            chunk framing; BodyWriter (ChunkedWriter, RawWriter), which
-                        owns every byte path from a child's output to a socket
+                        owns every byte path from a child's output to a socket;
+                        its encoders (EventEncoder, OutputCollector) and the
+                        Accept header's choice among them
     Requests            parse_spec(): what a POST /process body may say
     Process supervision Ending, the one owner of how a process group ends;
                         Process (one child); StderrLines, its stderr into the log;
@@ -36,6 +40,7 @@ The sections of this file, in order:
     Logging             one line per event, as text or JSON
     HTTP handler        RexecHandler: the API on one connection
     Server              RexecServer: the accept loop, a thread per connection
+                        (WarmThreads), the drain, signals and reloads
     Command line        the server's options, its start-up and signals: serve();
                         rexec.py token, which makes a token and its tokens-file line
     Client              rexec.py run | ps | kill
