@@ -989,6 +989,221 @@ class Ending:
         self.ask("exit")
 
 
+# -- starting a child: posix_spawn(3) where it makes the same child, else Popen
+
+# False: every child starts with subprocess.Popen, as on the systems the fast path skips.
+FAST_SPAWN = True
+
+
+class Spawned:
+    """A child that posix_spawn started: what rexec uses of a Popen -- pid,
+    stdin, stdout and stderr (unbuffered file objects, or None), wait() and
+    returncode (-N for signal N, as Popen's)."""
+
+    def __init__(self, pid, stdin, stdout, stderr):
+        self.pid = pid
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.returncode = None
+        self._lock = threading.Lock()
+
+    def wait(self):
+        """Reap the child (once) and return its returncode."""
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    status = os.waitpid(self.pid, 0)[1]   # EINTR is retried (PEP 475)
+                except ChildProcessError:   # reaped by someone else: Popen says 0 too
+                    status = 0
+                self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                                   else os.WEXITSTATUS(status))
+        return self.returncode
+
+
+class PosixSpawn:
+    """glibc's posix_spawn(3), called through ctypes, which lets go of the GIL
+    for the call (os.posix_spawn holds it throughout: other connections wait).
+
+    It makes the child Popen(close_fds=True, start_new_session=True) makes:
+    a new session (POSIX_SPAWN_SETSID); SIGPIPE and SIGXFSZ back to SIG_DFL,
+    as Popen's restore_signals (POSIX_SPAWN_SETSIGDEF), while an ignored
+    signal stays ignored and a handled one gets SIG_DFL from the exec; the
+    signal mask of the calling thread; its pipes on 0, 1 and 2 and nothing
+    else open (closefrom(3)), after a chdir to cwd.  The program is looked
+    up as Popen does it: in the PATH of the child's environment (by glibc's
+    posix_spawnp when that is rexec's own), relative names after the chdir.
+    spawn() returns None whenever it does not start
+    the child -- nothing runnable found, or posix_spawn failed -- and Popen
+    then starts it, or raises its own error: a refusal's reason is always
+    Popen's.
+
+    available() is None without glibc 2.34 (closefrom_np), on Python < 3.8,
+    off Linux, or without ctypes.
+    """
+
+    SETSIGDEF, SETSID = 0x04, 0x80       # glibc's <spawn.h>; SETSID since 2.26
+    STRUCT_SIZE = 1024                   # posix_spawnattr_t and posix_spawn_file_actions_t are
+                                         # opaque (336 and 80 bytes in glibc 2.36): a generous
+                                         # buffer, only ever passed by pointer
+    _loaded = None                       # the one instance, or False when unavailable
+    _load_lock = threading.Lock()
+
+    @classmethod
+    def available(cls):
+        """The PosixSpawn of this process, or None where it cannot be used."""
+        if cls._loaded is None:
+            with cls._load_lock:
+                if cls._loaded is None:
+                    try:
+                        cls._loaded = cls() if cls._usable_libc() else False
+                    except (ImportError, OSError, AttributeError, ValueError):
+                        cls._loaded = False
+        return cls._loaded or None
+
+    @staticmethod
+    def _usable_libc():
+        if sys.version_info < (3, 8) or not sys.platform.startswith("linux"):
+            return False
+        try:
+            name, _, version = os.confstr("CS_GNU_LIBC_VERSION").partition(" ")
+        except (ValueError, OSError, AttributeError):   # not glibc (musl has no such name)
+            return False
+        return name == "glibc" and tuple(int(n) for n in version.split(".")[:2]) >= (2, 34)
+
+    def __init__(self):
+        import ctypes   # here: neither the client nor a Popen-only system loads it
+        libc = ctypes.CDLL(None)
+        ptr, cstr, c_int = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+
+        def function(name, *argtypes):
+            func = getattr(libc, name)    # AttributeError: not there, no fast path
+            func.argtypes, func.restype = argtypes, c_int
+            return func
+        self._spawn = function("posix_spawn", ptr, cstr, ptr, ptr, ptr, ptr)
+        self._spawnp = function("posix_spawnp", ptr, cstr, ptr, ptr, ptr, ptr)
+        self._init = function("posix_spawn_file_actions_init", ptr)
+        self._destroy = function("posix_spawn_file_actions_destroy", ptr)
+        self._dup2 = function("posix_spawn_file_actions_adddup2", ptr, c_int, c_int)
+        self._open = function("posix_spawn_file_actions_addopen", ptr, c_int, cstr, c_int,
+                              ctypes.c_uint)
+        self._chdir = function("posix_spawn_file_actions_addchdir_np", ptr, cstr)
+        self._closefrom = function("posix_spawn_file_actions_addclosefrom_np", ptr, c_int)
+        self._environ = ptr.in_dll(libc, "environ")
+        self._ctypes = ctypes
+        # One attribute set for every child: posix_spawn only reads it.
+        self._attr = ctypes.create_string_buffer(self.STRUCT_SIZE)
+        sigdefault = ctypes.create_string_buffer(self.STRUCT_SIZE)   # a sigset_t
+        checked = [function("posix_spawnattr_init", ptr)(self._attr),
+                   function("sigemptyset", ptr)(sigdefault)]
+        # glibc keeps the kernel's first real-time signals (32, 33: below SIGRTMIN)
+        # for itself, and its child leaves them ignored, across the exec, unless
+        # they are here; sigaddset refuses them, so their bits are set directly.
+        words = (ctypes.c_ulong * (self.STRUCT_SIZE // ctypes.sizeof(ctypes.c_ulong))
+                 ).from_buffer(sigdefault)
+        bits = 8 * ctypes.sizeof(ctypes.c_ulong)
+        for signum in [signal.SIGPIPE, signal.SIGXFSZ] + list(range(32, signal.SIGRTMIN)):
+            words[(signum - 1) // bits] |= 1 << (signum - 1) % bits
+        checked += [function("posix_spawnattr_setsigdefault", ptr, ptr)(self._attr, sigdefault),
+                    function("posix_spawnattr_setflags", ptr, ctypes.c_short)(
+                        self._attr, self.SETSID | self.SETSIGDEF)]
+        if any(checked):
+            raise OSError("posix_spawnattr_t could not be set up")
+
+    def spawn(self, argv, executable, cwd, env, stdin, stdout, stderr):
+        """Start `argv` as Popen(argv, executable=, cwd=, env=, stdin=, stdout=,
+        stderr=, bufsize=0, close_fds=True, start_new_session=True) would: a
+        Spawned, or None (see the class)."""
+        cmd, call = argv[0], self._spawn
+        if executable is not None:
+            path = executable
+        elif "/" in cmd:
+            path = cmd
+        elif env is None or env.get("PATH") == os.environ.get("PATH"):
+            # glibc looks cmd up in rexec's PATH, in the child after its chdir: as
+            # Popen does.  Where the two part -- glibc stops at an ENOEXEC, Popen
+            # goes on to the next entry -- posix_spawnp fails and Popen takes over.
+            path, call = cmd, self._spawnp
+        else:
+            path = self._find(cmd, cwd, env)
+            if path is None:
+                return None
+        ctypes = self._ctypes
+        actions = ctypes.create_string_buffer(self.STRUCT_SIZE)
+        if self._init(actions):
+            return None
+        mine, theirs = [], []    # pipe ends: this side keeps `mine`, the child gets `theirs`
+        try:
+            targets = []         # what goes on 0, 1, 2: an fd, or None for /dev/null
+            for number, how in enumerate((stdin, stdout, stderr)):
+                if how == subprocess.PIPE:
+                    read, write = os.pipe()
+                    mine.append(write if number == 0 else read)
+                    theirs.append(read if number == 0 else write)
+                    targets.append(theirs[-1])
+                else:
+                    mine.append(None)
+                    targets.append(None if how == subprocess.DEVNULL else
+                                   targets[1] if how == subprocess.STDOUT else how)
+            if any(fd is not None and fd < 3 for fd in targets):
+                return None   # rexec's own 0-2 are closed: Popen shuffles such descriptors
+            devnull = None
+            for number, fd in enumerate(targets):
+                if fd is None and devnull is None:   # one /dev/null for all, as with Popen
+                    devnull = number
+                    failed = self._open(actions, number, b"/dev/null", os.O_RDWR, 0)
+                else:
+                    failed = self._dup2(actions, devnull if fd is None else fd, number)
+                if failed:
+                    return None
+            if (cwd != "." and self._chdir(actions, os.fsencode(cwd))
+                    or self._closefrom(actions, 3)):
+                return None
+            args = [os.fsencode(arg) for arg in argv] + [None]
+            if env is None:
+                envp = self._environ.value   # what Popen's execv passes on: os.environ's
+            else:
+                envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()] + [None]
+                envp = (ctypes.c_char_p * len(envp))(*envp)
+            pid = ctypes.c_int()
+            if call(ctypes.byref(pid), os.fsencode(path), actions, self._attr,
+                    (ctypes.c_char_p * len(args))(*args), envp):
+                return None   # glibc has reaped what it started; Popen says why
+            files = [None if fd is None else io.open(fd, "wb" if number == 0 else "rb", 0)
+                     for number, fd in enumerate(mine)]
+            mine = []
+            return Spawned(pid.value, *files)
+        finally:
+            self._destroy(actions)
+            for fd in theirs + mine:
+                if fd is not None:
+                    os.close(fd)
+
+    @staticmethod
+    def _find(cmd, cwd, env):
+        """What Popen's child would exec for `cmd`, a bare name, with env's own
+        PATH: the first candidate (os.get_exec_path, as Popen) that is an
+        executable file as seen after the chdir to `cwd`; None if none is.  A
+        candidate that fails anyway (ENOEXEC) makes posix_spawn fail, and Popen
+        start it."""
+        for entry in os.get_exec_path(env):
+            candidate = os.path.join(entry, cmd)
+            there = os.path.join(cwd, candidate)
+            if os.access(there, os.X_OK) and os.path.isfile(there):
+                return candidate
+        return None
+
+
+def spawn(argv, executable, cwd, env, stdin, stdout, stderr, bufsize=-1):
+    """Start a child as subprocess.Popen(argv, ..., close_fds=True,
+    start_new_session=True) does -- the same child, the same OSError when it
+    cannot start -- with glibc's posix_spawn where it can (PosixSpawn): a
+    Spawned, which rexec uses as a Popen; else with Popen itself."""
+    fast = PosixSpawn.available() if FAST_SPAWN else None
+    child = fast and fast.spawn(argv, executable, cwd, env, stdin, stdout, stderr)
+    return child or subprocess.Popen(
+        argv, executable=executable, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+        stderr=stderr, bufsize=bufsize, close_fds=True, start_new_session=True)
+
+
 class Process:
     """One child, its process group and how it ends, as the registry sees them.
 
@@ -1018,8 +1233,9 @@ class Process:
                 "tty": spec.tty, "owner": self.owner}
 
     def start(self, executable=None):
-        """Start the child; raises OSError when it cannot start.  `executable` is
-        the file to run (argv[0] stays spec.cmd); None lets Popen look spec.cmd up."""
+        """Start the child with spawn() (self.popen: a Popen or a Spawned); raises
+        OSError when it cannot start.  `executable` is the file to run (argv[0]
+        stays spec.cmd); None looks spec.cmd up as Popen does."""
         spec = self.spec
         env = dict(os.environ, **spec.envs) if spec.envs else None   # None: no copying
         stdin = subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE
@@ -1029,17 +1245,13 @@ class Process:
                 self.output_fd, slave = open_pty()
                 stderr = subprocess.DEVNULL if spec.stderr == "discard" else slave
                 try:
-                    self.popen = subprocess.Popen(
-                        [spec.cmd] + spec.args, executable=executable, cwd=spec.cwd, env=env,
-                        stdin=stdin, stdout=slave, stderr=stderr, close_fds=True,
-                        start_new_session=True)
+                    self.popen = spawn([spec.cmd] + spec.args, executable, spec.cwd, env,
+                                       stdin, slave, stderr)
                 finally:
                     os.close(slave)
             else:
-                self.popen = subprocess.Popen(
-                    [spec.cmd] + spec.args, executable=executable, cwd=spec.cwd, env=env,
-                    stdin=stdin, stdout=subprocess.PIPE, stderr=STDERR_MODES[spec.stderr],
-                    bufsize=0, close_fds=True, start_new_session=True)
+                self.popen = spawn([spec.cmd] + spec.args, executable, spec.cwd, env, stdin,
+                                   subprocess.PIPE, STDERR_MODES[spec.stderr], bufsize=0)
                 self.output_fd = self.popen.stdout.fileno()
             os.set_blocking(self.output_fd, False)
             self.ending.begin(self.popen)

@@ -1355,13 +1355,13 @@ class LifetimeTests(ServerTestCase):
             self.assertEqual(pids_running(marker), [], "round %d: orphans" % round_)
 
     def test_a_stop_while_popen_runs_ends_that_child_too(self):
-        # Popen made slow, so the stop surely comes between the claim and the start.
+        # The spawn made slow, so the stop surely comes between the claim and the start.
         marker = "8%06d" % (os.getpid() % 1000000)
         self.addCleanup(kill_all, marker)
         server = Server("--grace", "0.2", prelude=(
-            "import subprocess, time; _popen = subprocess.Popen; "
-            "subprocess.Popen = lambda *a, **k: "
-            "(rexec.log.warning('spawning'), time.sleep(1), _popen(*a, **k))[2]"))
+            "import time; _spawn = rexec.spawn; "
+            "rexec.spawn = lambda *a, **k: "
+            "(rexec.log.warning('spawning'), time.sleep(1), _spawn(*a, **k))[2]"))
         self.addCleanup(server.stop)
         with Conn(server) as conn:
             conn.send("POST", "/process", {"alias": "slow", "cmd": "sleep", "args": [marker]})
@@ -4395,6 +4395,253 @@ class FastPathTests(unittest.TestCase):
             spliced = wait_for(lambda: "splice-call" in server.log(), timeout=0.5)
             expected = rexec.CAN_SPLICE and mode.startswith("splice")
             self.assertEqual(spliced, expected, "%s: splice used: %s" % (mode, spliced))
+
+
+# --------------------------------------------------------------------------
+# Fast paths: a spawn that releases the GIL gives the child Popen gives
+# --------------------------------------------------------------------------
+
+# Each child the server starts says how it was started; SIGTTIN comes ignored
+# from the server's parent, as a disposition a child must keep.
+TELL_SPAWNS = ("import signal; signal.signal(signal.SIGTTIN, signal.SIG_IGN)\n"
+               "_start = rexec.Process.start\n"
+               "def start(self, *args):\n"
+               "    _start(self, *args)\n"
+               "    sys.stderr.write('spawned-with %s\\n' % type(self.popen).__name__)\n"
+               "rexec.Process.start = start")
+# What a child is: its ids, descriptors (/proc/PID/fd, the flags of 0-2), argv[0],
+# cwd.  `ls` and `grep` run as its children.  (Not its signal mask: the shell
+# blocks signals around a fork; test_the_same_signals asks grep itself.)
+DESCRIBE_CHILD = (
+    'read pid comm state ppid pgrp sid tty_nr tpgid rest < /proc/$$/stat; '
+    'echo "ids $((pid == pgrp)) $((pid == sid)) $ppid $tty_nr $tpgid"; '
+    'ls -lN /proc/$$/fd; '
+    'grep -H flags /proc/$$/fdinfo/0 /proc/$$/fdinfo/1 /proc/$$/fdinfo/2; '
+    'echo "argv0 $0"; echo "cwd $(pwd)"; test -t 1 && echo "stdout is a terminal"; '
+    'echo to-stderr >&2')
+
+
+class SpawnTests(unittest.TestCase):
+    """The fast spawn (glibc's posix_spawn through ctypes, rexec.PosixSpawn)
+    must give the child Popen gives, and refuse with Popen's words: the same
+    requests go to a server with it and to one without (FAST_SPAWN = False),
+    and what the children say of themselves must match, byte for byte.  Both
+    servers hold an inheritable descriptor that no child may get; the first
+    entries of their PATH hold, as "sprog", a directory, a file that may not
+    run, a script (a relative entry), a file that is no program, and last the
+    script that runs."""
+
+    TOKEN = "spawn-test-token-18"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="rexec-spawn-")
+        cls.leak_r, cls.leak_w = os.pipe()
+        os.set_inheritable(cls.leak_w, True)
+        for name, text, mode in (("path-dir/sprog/keep", "", 0o644),
+                                 ("path-plain/sprog", "#!/bin/sh\necho plain\n", 0o644),
+                                 ("path-garbage/sprog", "\x7fELF not really\n", 0o755),
+                                 ("path-rel/sprog", "#!/bin/sh\necho server relative\n", 0o755),
+                                 ("path-good/sprog", "#!/bin/sh\necho server path\n", 0o755)):
+            cls.file(name, text, mode)
+        cls.path = os.pathsep.join(
+            [os.path.join(cls.tmp, entry) for entry in ("path-dir", "path-plain")]
+            + ["path-rel", os.path.join(cls.tmp, "path-garbage"),
+               os.path.join(cls.tmp, "path-good"), os.environ["PATH"]])
+        cls.servers = {}
+        try:
+            for name, prelude in (("fast", TELL_SPAWNS),
+                                  ("popen", "rexec.FAST_SPAWN = False; " + TELL_SPAWNS)):
+                cls.servers[name] = Server(env={"REXEC_TOKEN": cls.TOKEN, "PATH": cls.path},
+                                           prelude=prelude, pass_fds=(cls.leak_w,))
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers.values():
+            server.stop()
+        os.close(cls.leak_r)
+        os.close(cls.leak_w)
+        shutil.rmtree(cls.tmp, True)
+
+    def both(self, spec, servers=None):
+        """POST spec to each server: {name: (status, body, trailers)}, the
+        server's own pid, pipe inodes and terminal numbers taken out."""
+        answers = {}
+        for name, server in (servers or self.servers).items():
+            response = run(server, dict(spec, alias="spawn"),
+                           headers={"Authorization": "Bearer " + self.TOKEN})
+            body = response.body.decode("utf-8", "replace").replace(
+                " %d " % server.proc.pid, " SERVER ")
+            body = re.sub(r"/proc/\d+/", "/proc/PID/", body)
+            body = re.sub(r"pipe:\[\d+\]", "pipe:[N]", body)
+            body = re.sub(r"/dev/pts/\d+", "/dev/pts/N", body)
+            body = re.sub(r"(?m)^total \d+$|^.* \d\d:\d\d (?=\d+ -> )", "", body)
+            answers[name] = (response.status, body, response.trailers)
+        return answers
+
+    def assertSame(self, spec, servers=None):
+        """Both servers answer spec alike; returns the answer."""
+        answers = self.both(spec, servers)
+        self.assertEqual(len(set(map(repr, answers.values()))), 1, answers)
+        return answers.popitem()[1]
+
+    @classmethod
+    def file(cls, name, text, mode=0o755):
+        path = os.path.join(cls.tmp, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_the_fast_spawn_runs_where_it_can_and_FAST_SPAWN_turns_it_off(self):
+        for server in self.servers.values():
+            self.assertEqual(run(server, {"alias": "which", "cmd": "true"}, headers={
+                "Authorization": "Bearer " + self.TOKEN}).status, 200)
+        fast = rexec.PosixSpawn.available() is not None
+        libc = re.match(r"glibc (\d+)\.(\d+)", os.confstr("CS_GNU_LIBC_VERSION") or "")
+        self.assertEqual(fast, sys.version_info >= (3, 8) and sys.platform.startswith("linux")
+                         and libc is not None and tuple(map(int, libc.groups())) >= (2, 34))
+        self.servers["fast"].wait_log("spawned-with %s\n" % ("Spawned" if fast else "Popen"))
+        self.servers["popen"].wait_log("spawned-with Popen\n")
+        self.assertNotIn("spawned-with Spawned", self.servers["popen"].log())
+
+    def test_the_same_child_in_every_mode(self):
+        cwd = os.path.join(self.tmp, "work dir")
+        os.makedirs(cwd, exist_ok=True)
+        base = {"cmd": "sh", "args": ["-c", DESCRIBE_CHILD]}
+        for extra in ({}, {"stdin": "fed\n"}, {"stderr": "merge"}, {"stderr": "discard"},
+                      {"tty": True}, {"tty": True, "stderr": "discard"},
+                      {"tty": True, "stdin": "x"}, {"cwd": cwd}, {"cmd": "/bin/sh"}):
+            spec = dict(base, **extra)
+            with self.subTest(spec=extra):
+                status, body, trailers = self.assertSame(spec)
+                self.assertEqual((status, trailers["Rexec-Exit-Code"]), (200, "0"), body)
+                lines = body.splitlines()
+                # A session and group of its own, led by the child; no terminal controls it.
+                self.assertIn("ids 1 1 SERVER 0 -1", lines)
+                # Nothing open but 0, 1 and 2, and those as asked.
+                fds = dict(re.findall(r"(?m)^(\d+) -> (.*)$", body))
+                self.assertEqual(sorted(fds), ["0", "1", "2"], body)
+                output = "/dev/pts/N" if spec.get("tty") else "pipe:[N]"
+                self.assertEqual(fds["1"], output)
+                self.assertEqual(fds["0"], "pipe:[N]" if "stdin" in spec else "/dev/null")
+                self.assertEqual(fds["2"], "/dev/null" if spec.get("stderr") == "discard"
+                                 else output)
+                self.assertEqual("stdout is a terminal" in lines, bool(spec.get("tty")))
+                self.assertIn("argv0 %s" % spec["cmd"], lines)
+                self.assertIn("cwd %s" % extra.get("cwd", HERE), lines)
+                self.assertEqual("to-stderr" in lines, spec.get("stderr") == "merge"
+                                 or spec.get("tty", False) and spec.get("stderr") != "discard")
+
+    def test_the_same_signals(self):
+        for extra in ({}, {"tty": True}, {"stdin": "x", "cwd": "/"}):
+            with self.subTest(spec=extra):
+                status, body, _ = self.assertSame(dict(
+                    extra, cmd="grep", args=["-E", "^Sig(Blk|Ign)", "/proc/self/status"]))
+                self.assertEqual(status, 200)
+                # SIGPIPE (13), SIGXFSZ (25) and glibc's own 32 and 33 at their default,
+                # SIGTTIN (21) still ignored, as the server got it; nothing blocked.
+                self.assertEqual(body, "SigBlk:\t0000000000000000\nSigIgn:\t%016x\n"
+                                 % (1 << 20))
+
+    def test_the_same_environment_without_the_token(self):
+        for envs in ({}, {"SPAWN_TEST": "a b", "HOME": "/elsewhere"}):
+            with self.subTest(envs=envs):
+                status, body, _ = self.assertSame({"cmd": "env", "envs": envs})
+                self.assertEqual(status, 200)
+                variables = dict(line.partition("=")[::2] for line in body.splitlines())
+                self.assertNotIn("REXEC_TOKEN", variables)
+                expected = dict(os.environ, PATH=self.path, **envs)
+                expected.pop("REXEC_TOKEN", None)
+                self.assertEqual(variables, expected)
+
+    def test_the_same_program_found_in_PATH_and_cwd(self):
+        self.file("first/prog", "#!/bin/sh\necho first\n", mode=0o644)   # not executable
+        self.file("second/prog", "#!/bin/sh\necho second\n")
+        self.file("garbage/prog", "\x7fELF not really\n")                 # ENOEXEC
+        self.file("dir/prog/keep", "")                                     # a directory
+        self.file("rel/prog", "#!/bin/sh\necho relative to cwd\n")
+        self.file("here", "#!/bin/sh\necho here\n")
+        self.file("second/ls", "#!/bin/sh\necho not ls\n")
+        path = os.pathsep.join(os.path.join(self.tmp, entry)
+                               for entry in ("dir", "first", "garbage", "second"))
+        log = self.servers["fast"].log
+        before = log().count("spawned-with")
+        for spec, expected in (
+                ({"cmd": "prog", "envs": {"PATH": path}}, "second\n"),   # by Popen: ENOEXEC
+                ({"cmd": "ls", "envs": {"PATH": path}}, "not ls\n"),
+                ({"cmd": "prog", "envs": {"PATH": "rel"}, "cwd": self.tmp}, "relative to cwd\n"),
+                ({"cmd": "prog", "envs": {"PATH": ":/bin"}, "cwd": os.path.join(self.tmp, "rel")},
+                 "relative to cwd\n"),
+                ({"cmd": "./here", "cwd": self.tmp}, "here\n"),
+                ({"cmd": "rel/prog", "cwd": self.tmp}, "relative to cwd\n"),
+                ({"cmd": os.path.join(self.tmp, "here")}, "here\n"),
+                ({"cmd": "sh", "args": ["-c", "echo $0"], "envs": {"PATH": "/nowhere:/bin"}},
+                 "sh\n"),
+                ({"cmd": "sprog"}, "server path\n"),   # by Popen: ENOEXEC
+                ({"cmd": "sprog", "cwd": self.tmp}, "server relative\n")):
+            with self.subTest(spec=spec):
+                self.assertEqual(self.assertSame(spec)[:2], (200, expected))
+        # Each with the fast spawn where there is one, but the one that posix_spawn failed.
+        self.assertTrue(wait_for(lambda: log().count("spawned-with") == before + 10))
+        spawned = re.findall(r"spawned-with (\w+)", log())[before:]
+        self.assertEqual(spawned.count("Popen"), 2 if rexec.PosixSpawn.available() else 10)
+
+    def test_the_same_refusals_word_for_word(self):
+        plain = self.file("plain-file", "echo not executable\n", mode=0o644)
+        garbage = self.file("garbage-file", "\x7fELF not really\n")
+        for spec in ({"cmd": "no-such-command-xyz"}, {"cmd": plain}, {"cmd": garbage},
+                     {"cmd": self.tmp}, {"cmd": "./no-such"},
+                     {"cmd": "./plain-file", "cwd": self.tmp},
+                     {"cmd": "true", "cwd": "/no/such/dir"}, {"cmd": "true", "cwd": plain},
+                     {"cmd": "no-such-command-xyz", "cwd": "/no/such/dir"},
+                     {"cmd": "prog", "envs": {"PATH": self.tmp}},
+                     {"cmd": "sprog", "envs": {"PATH": "path-plain:path-garbage"},
+                      "cwd": self.tmp}):
+            with self.subTest(spec=spec):
+                status, body, _ = self.assertSame(spec)
+                self.assertEqual(status, 404, body)
+                self.assertTrue(body.startswith("cannot start %r: " % spec["cmd"]), body)
+        self.assertEqual(
+            self.assertSame({"cmd": "no-such-command-xyz"})[1],
+            "cannot start 'no-such-command-xyz': No such file or directory: no-such-command-xyz\n")
+        self.assertEqual(self.assertSame({"cmd": "true", "cwd": "/no/such/dir"})[1],
+                         "cannot start 'true': No such file or directory: /no/such/dir\n")
+
+    def test_the_same_input_output_and_exit_status(self):
+        for spec, expected in (
+                ({"cmd": "cat", "stdin": "fed\n" * 30000}, ("fed\n" * 30000, "0", "exit")),
+                ({"cmd": "sh", "args": ["-c", "echo out; echo err >&2"], "stderr": "merge"},
+                 ("out\nerr\n", "0", "exit")),
+                ({"cmd": "sh", "args": ["-c", "echo out; echo err >&2; exit 3"]},
+                 ("out\n", "3", "exit")),
+                ({"cmd": "sh", "args": ["-c", "kill -TERM $$"]}, ("", "-15", "exit")),
+                ({"cmd": "sh", "args": ["-c", "sleep 60"], "timeout": 0.3},
+                 ("", "-15", "timeout"))):
+            with self.subTest(spec=spec):
+                status, body, trailers = self.assertSame(spec)
+                self.assertEqual((status, body, trailers["Rexec-Exit-Code"],
+                                  trailers["Rexec-Reason"]), (200,) + expected)
+        for server in self.servers.values():
+            server.wait_log(r"stderr alias=spawn line=err\n")
+            self.assertEqual([pid for pid in children_of(server.proc.pid)
+                              if (proc_stat(pid) or ["gone"])[0] == "Z"], [])
+
+    def test_the_same_child_under_allow(self):
+        servers = {name: Server("--allow", "sh", "--allow", "no-such-command-xyz",
+                                env={"REXEC_TOKEN": self.TOKEN}, prelude=prelude)
+                   for name, prelude in (("fast", ""), ("popen", "rexec.FAST_SPAWN = False"))}
+        for server in servers.values():
+            self.addCleanup(server.stop)
+        self.assertEqual(self.assertSame({"cmd": "sh", "args": ["-c", "echo $0"]}, servers)[:2],
+                         (200, "sh\n"))
+        self.assertEqual(self.assertSame({"cmd": "no-such-command-xyz"}, servers)[:2],
+                         (404, "cannot start 'no-such-command-xyz': No such file or directory: "
+                               "no-such-command-xyz\n"))
 
 
 # ==========================================================================
