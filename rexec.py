@@ -1390,6 +1390,11 @@ class StderrLines:
         self.dropped, self._report_at = 0, None
 
 
+def earliest(when, other):
+    """The earlier of two monotonic times, either of which may be None (never)."""
+    return other if when is None or other is not None and other < when else when
+
+
 class Stream:
     """One child's output to one client until the child is gone: an event loop.
 
@@ -1454,20 +1459,20 @@ class Stream:
         slow = ending.exited and not writer.idle   # a dead child's client has yet to take the rest
         if slow and now >= writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()   # ... and stopped reading
-        due = [ending.step(now, self._output_done)]
-        try:
-            writer.keep_alive(now)
-        except ClientDisconnected:
-            self.lose_client()
-        due.append(writer.keepalive_due())
-        if self.stderr is not None:
-            due.append(self.stderr.step(now))
+        due = ending.step(now, self._output_done)
+        if writer.encoder is not None:   # an event stream's keep-alive comments
+            try:
+                writer.keep_alive(now)
+            except ClientDisconnected:
+                self.lose_client()
+            due = earliest(due, writer.keepalive_due())
+        if self.stderr is not None and self.stderr.dropped:
+            due = earliest(due, self.stderr.step(now))
         if slow:
-            due.append(writer.progress_at + WRITE_TIMEOUT)
+            due = earliest(due, writer.progress_at + WRITE_TIMEOUT)
             if ending.state != ending.REAPED:
-                due.append(now + HANGUP_CHECK)   # see _output_done()
-        due = [t for t in due if t is not None]
-        return min(due) if due else None
+                due = earliest(due, now + HANGUP_CHECK)   # see _output_done()
+        return due
 
     def _output_done(self):
         """True once nothing more can come out of the child's output: read to
