@@ -499,6 +499,33 @@ class ServerTestCase(unittest.TestCase):
         return found[0]
 
 
+class SharedServersTestCase(unittest.TestCase):
+    """Servers that all of a class's tests use (cls.servers, by name) and its
+    temporary directory (cls.tmp): setUpClass makes them inside
+    starting_servers(); they are stopped, and it is removed, after the last
+    test, or at once when setUpClass fails."""
+
+    servers = {}
+    tmp = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def starting_servers(cls, prefix):
+        cls.tmp = tempfile.mkdtemp(prefix=prefix)
+        cls.servers = {}
+        try:
+            yield
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers.values():
+            server.stop()
+        shutil.rmtree(cls.tmp, True)
+
+
 # --------------------------------------------------------------------------
 # Protocol and framing: the stream, its chunks and trailers, keep-alive, refusals,
 # HTTP as clients and proxies speak it, events and JSON answers for every client
@@ -4245,25 +4272,23 @@ def read_to_eof(sock):
         parts.append(data)
 
 
-class FastPathTests(unittest.TestCase):
+class FastPathTests(SharedServersTestCase):
     """The same children through every write path must give the same bytes:
-    splice (as configured, and for every chunk), the copying sendmsg fallback
-    (CAN_SPLICE = False: small chunks read, large ones read in place into the
-    writer's buffer; and every chunk in place), and TLS (one send per chunk).
-    No timings asserted."""
+    splice (as configured, and for every chunk), the copying fallback
+    (CAN_SPLICE = False: each chunk read in place into the writer's buffer,
+    between room for its framing, and one send a frame; and every chunk so),
+    and TLS (one send per chunk).  No timings asserted."""
 
     SIZES = (0, 1, 16383, 16384, 16385, (1 << 20) + 7)
 
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="rexec-fastpath-")
-        cls.blob = os.path.join(cls.tmp, "blob")
-        with open(cls.blob, "wb") as handle:
-            handle.write(os.urandom((3 << 20) + 13))
-        with open(cls.blob, "rb") as handle:
-            cls.data = handle.read()
-        cls.servers = {}
-        try:
+        with cls.starting_servers("rexec-fastpath-"):
+            cls.blob = os.path.join(cls.tmp, "blob")
+            with open(cls.blob, "wb") as handle:
+                handle.write(os.urandom((3 << 20) + 13))
+            with open(cls.blob, "rb") as handle:
+                cls.data = handle.read()
             cls.servers["splice"] = Server(prelude=COUNT_SPLICES)
             cls.servers["splice-every-chunk"] = Server(
                 prelude="rexec.SPLICE_MIN = 1; " + COUNT_SPLICES)
@@ -4274,15 +4299,6 @@ class FastPathTests(unittest.TestCase):
             if tls:
                 cls.servers["tls"] = Server("--certfile", tls[0], "--keyfile", tls[1],
                                             prelude=COUNT_SPLICES)
-        except BaseException:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        for server in cls.servers.values():
-            server.stop()
-        shutil.rmtree(cls.tmp, True)
 
     def fetch(self, mode, spec, version="HTTP/1.1", before_reading=None):
         """POST spec to the `mode` server; returns (head lines without Date, raw body).
@@ -4421,7 +4437,7 @@ DESCRIBE_CHILD = (
     'echo to-stderr >&2')
 
 
-class SpawnTests(unittest.TestCase):
+class SpawnTests(SharedServersTestCase):
     """The fast spawn (glibc's posix_spawn through ctypes, rexec.PosixSpawn)
     must give the child Popen gives, and refuse with Popen's words: the same
     requests go to a server with it and to one without (FAST_SPAWN = False),
@@ -4435,7 +4451,11 @@ class SpawnTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="rexec-spawn-")
+        with cls.starting_servers("rexec-spawn-"):
+            cls.start()
+
+    @classmethod
+    def start(cls):
         cls.leak_r, cls.leak_w = os.pipe()
         os.set_inheritable(cls.leak_w, True)
         for name, text, mode in (("path-dir/sprog/keep", "", 0o644),
@@ -4448,23 +4468,17 @@ class SpawnTests(unittest.TestCase):
             [os.path.join(cls.tmp, entry) for entry in ("path-dir", "path-plain")]
             + ["path-rel", os.path.join(cls.tmp, "path-garbage"),
                os.path.join(cls.tmp, "path-good"), os.environ["PATH"]])
-        cls.servers = {}
-        try:
-            for name, prelude in (("fast", TELL_SPAWNS),
-                                  ("popen", "rexec.FAST_SPAWN = False; " + TELL_SPAWNS)):
-                cls.servers[name] = Server(env={"REXEC_TOKEN": cls.TOKEN, "PATH": cls.path},
-                                           prelude=prelude, pass_fds=(cls.leak_w,))
-        except BaseException:
-            cls.tearDownClass()
-            raise
+        for name, prelude in (("fast", TELL_SPAWNS),
+                              ("popen", "rexec.FAST_SPAWN = False; " + TELL_SPAWNS)):
+            cls.servers[name] = Server(env={"REXEC_TOKEN": cls.TOKEN, "PATH": cls.path},
+                                       prelude=prelude, pass_fds=(cls.leak_w,))
 
     @classmethod
     def tearDownClass(cls):
-        for server in cls.servers.values():
-            server.stop()
-        os.close(cls.leak_r)
-        os.close(cls.leak_w)
-        shutil.rmtree(cls.tmp, True)
+        super().tearDownClass()
+        for fd in (getattr(cls, "leak_r", None), getattr(cls, "leak_w", None)):
+            if fd is not None:
+                os.close(fd)
 
     def both(self, spec, servers=None):
         """POST spec to each server: {name: (status, body, trailers)}, the
