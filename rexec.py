@@ -3060,8 +3060,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 SERVER_USAGE = """%(prog)s [-h] [-i IP] [-p PORT] [-v | -vv] [--grace S] [--max-procs N]
-             [--token-file FILE] [--no-auth] [--certfile FILE [--keyfile FILE]]
-             [--client-ca FILE] [--allow CMD]... [--log-format {text,json}] [--version]"""
+             [--max-output BYTES] [--token-file FILE] [--tokens FILE] [--no-auth]
+             [--certfile FILE [--keyfile FILE]] [--client-ca FILE] [--allow CMD]...
+             [--log-format {text,json}] [--version]"""
 
 SERVER_EXAMPLES = """\
 examples:
