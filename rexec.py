@@ -101,7 +101,7 @@ MAX_BODY = 1 << 20           # request bodies above this get 413 without being r
 READ_SIZE = 64 * 1024        # the most a small chunk, stdin write or discard read takes at once
 COPY_SIZE = 256 * 1024       # a copied large chunk (TLS, a terminal, no splice): fewer chunks,
                              # less CPU per byte -- a quarter less over TLS than 64 KiB chunks
-SPLICE_MIN = 16 * 1024       # smaller chunks are copied: one sendmsg beats three calls
+SPLICE_MIN = 16 * 1024       # smaller chunks are read in place: one send beats three calls
 OUTPUT_BURST = 16            # large chunks passed on in a row before the selector runs again
 HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for its head
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
