@@ -879,6 +879,7 @@ class HttpHardeningTests(ServerTestCase):
             self.assertEqual(conn.head()[0], 100)
             conn.sock.sendall(body)
             self.assertEqual(conn.response().body, b"ok\n")
+        self.server.wait_log(r"INFO end alias=e ")   # the log arrives through a pipe, later
         self.assertEqual(self.server.log().count("INFO start alias=e "), 1)   # not the refused one
 
     def test_empty_lines_before_a_request_line_are_skipped(self):
