@@ -63,6 +63,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import mmap
 import os
 import pty
@@ -188,8 +189,7 @@ WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
 # A stream waits on a handful of descriptors for a short while: poll(2) needs no
 # descriptor of its own and no syscall per (un)registration, as epoll does.
 # Linux only: macOS's poll(2) does not serve terminals (tty streams).
-StreamSelector = (selectors.PollSelector if sys.platform.startswith("linux")
-                  else selectors.DefaultSelector)
+USE_POLL = sys.platform.startswith("linux") and hasattr(select, "poll")
 
 log = logging.getLogger("rexec")
 
@@ -251,12 +251,69 @@ def read_output(fd, view):
         return 0
 
 
+class Poller:
+    """What a stream waits on: descriptors (ints), each with the events it
+    waits for (selectors.EVENT_READ, EVENT_WRITE) and a callback.  poll(2)
+    itself where USE_POLL, else a selectors.DefaultSelector.  A hang-up or an
+    error is reported as both events, as selectors do.  Cheaper than
+    selectors.PollSelector, which costs a key object and lookups per change."""
+
+    _TO_POLL = {selectors.EVENT_READ: select.POLLIN, selectors.EVENT_WRITE: select.POLLOUT,
+                selectors.EVENT_READ | selectors.EVENT_WRITE: select.POLLIN | select.POLLOUT}
+
+    def __init__(self):
+        self._events = {}       # fd -> the events it waits for, never 0
+        self._callbacks = {}    # fd -> what to call with the events that came
+        self._poll = select.poll() if USE_POLL else None
+        self._selector = None if USE_POLL else selectors.DefaultSelector()
+
+    def want(self, fd, events, callback):
+        """Wait on `fd` for `events` (0: not at all) from now on."""
+        current = self._events.get(fd, 0)
+        if events == current:
+            return
+        if self._selector is not None:
+            if not current:
+                self._selector.register(fd, events)
+            elif events:
+                self._selector.modify(fd, events)
+            else:
+                self._selector.unregister(fd)
+        elif events:
+            self._poll.register(fd, self._TO_POLL[events])   # register() also modifies
+        else:
+            self._poll.unregister(fd)
+        if events:
+            self._events[fd], self._callbacks[fd] = events, callback
+        else:
+            del self._events[fd], self._callbacks[fd]
+
+    def wait(self, timeout):
+        """Block up to `timeout` seconds; [(callback, events)] of what is ready."""
+        if self._selector is not None:
+            return [(self._callbacks[key.fd], mask)
+                    for key, mask in self._selector.select(timeout)]
+        ready = []
+        for fd, revents in self._poll.poll(math.ceil(timeout * 1000)):
+            mask = ((selectors.EVENT_READ if revents & ~select.POLLOUT else 0)
+                    | (selectors.EVENT_WRITE if revents & ~select.POLLIN else 0))
+            ready.append((self._callbacks[fd], mask))
+        return ready
+
+    def close(self):
+        if self._selector is not None:
+            self._selector.close()
+
+
 def wait_ready(fileobj, events, timeout):
     """Block until `fileobj` is ready for `events` (selectors.EVENT_READ or
     EVENT_WRITE); False when `timeout` passes first."""
     with selectors.DefaultSelector() as sel:
         sel.register(fileobj, events)
         return bool(sel.select(timeout))
+
+
+_frame_buffers = threading.local()   # each thread's BodyWriter buffer (see _frame_buffer())
 
 
 class BodyWriter:
@@ -306,7 +363,6 @@ class BodyWriter:
         self.progress_at = time.monotonic()   # when the client last took bytes
         self.framed_at = time.monotonic()     # when the last frame was queued
         self._buffer = None                   # see _frame_buffer()
-        self._chunk_at = 0                    # where in it a frame's data begins
 
     @property
     def idle(self):
@@ -346,6 +402,12 @@ class BodyWriter:
             if is_peer_gone(exc):
                 raise ClientDisconnected(str(exc)) from exc
             raise
+
+    def start(self, head):
+        """Send the response head (as the first pending bytes: the output is
+        read once the client took it)."""
+        self._queue(head)
+        self.flush()
 
     def finish(self, exit_code, reason):
         """Send what is pending and the end of the body, which says how the
@@ -428,11 +490,16 @@ class BodyWriter:
         can do so by construction -- measured here as 3.0 instead of 2.1 s of
         CPU per GiB over TLS.  OpenSSL's buffer is not ours to place, so each
         stream puts its chunks at a random cache-line offset in a page-aligned
-        buffer: no heap layout can make every stream slow."""
+        buffer: no heap layout can make every stream slow.  The buffer is the
+        thread's, made once and reused by each stream it serves, one at a time:
+        a short command costs no mapping of its own."""
         if self._buffer is None:
-            self._chunk_at = 64 * random.randrange(1, 64)
-            self._buffer = mmap.mmap(-1, self._chunk_at + COPY_SIZE)   # page-aligned
-        return memoryview(self._buffer)[self._chunk_at:]
+            self._buffer = getattr(_frame_buffers, "view", None)
+            if self._buffer is None:
+                offset = 64 * random.randrange(1, 64)
+                self._buffer = _frame_buffers.view = memoryview(
+                    mmap.mmap(-1, offset + COPY_SIZE))[offset:]   # page-aligned
+        return self._buffer
 
     def _frame_in_place(self, view, size):
         """The frame around the `size` bytes just read into `view` at HEAD_ROOM."""
@@ -858,7 +925,8 @@ class Ending:
         self._popen = None
         self._deadline = self._term_at = None
         self._wake_w = None
-        self._done = threading.Event()
+        self._done = threading.Lock()   # held until the child is reaped (an Event costs more)
+        self._done.acquire()
         self._lock = threading.Lock()
 
     def prepare(self):
@@ -939,7 +1007,8 @@ class Ending:
 
     def wait(self):
         """Block until the child is reaped; its exit code (None: it never started)."""
-        self._done.wait()
+        with self._done:
+            pass
         return self.exit_code
 
     def close(self):
@@ -963,7 +1032,8 @@ class Ending:
 
     def _release(self):
         self.on_reaped()
-        self._done.set()
+        if self._done.locked():
+            self._done.release()
 
     def _watch_exit(self):
         """Learn of the child's exit without reaping it: a pidfd for the stream's
@@ -1419,23 +1489,23 @@ class Stream:
         self.stdin_fd = proc.popen.stdin.fileno() if proc.popen.stdin else None
         self.stderr = (StderrLines(proc.popen.stderr.fileno(), proc.alias)
                        if proc.popen.stderr else None)
-        self._registered = {}
+        self.sock_fd = sock.fileno()
 
     def run(self):
         """Stream until the child is gone and reaped; returns its exit code."""
-        sel = StreamSelector()
+        poller = Poller()
         try:
             if self.stdin_fd is not None:
                 os.set_blocking(self.stdin_fd, False)
             due = self._step()
             while not self._finished():
-                self._update(sel)
+                self._update(poller)
                 timeout = MAX_SELECT if due is None else max(0.0, due - time.monotonic())
-                for key, mask in sel.select(min(MAX_SELECT, timeout)):
-                    key.data(mask)
+                for callback, mask in poller.wait(min(MAX_SELECT, timeout)):
+                    callback(mask)
                 due = self._step()
         finally:
-            sel.close()
+            poller.close()
             self.end()
         return self.ending.exit_code
 
@@ -1494,41 +1564,28 @@ class Stream:
 
     # -- what to wait for -------------------------------------------------
 
-    def _update(self, sel):
-        ending, writer = self.ending, self.writer
-        self._want(sel, ending.wake_fd, selectors.EVENT_READ, ending.on_wake)
+    def _update(self, poller):
+        ending, writer, want = self.ending, self.writer, poller.want
+        want(ending.wake_fd, selectors.EVENT_READ, ending.on_wake)
         if ending.exit_fd is not None:
-            self._want(sel, ending.exit_fd, 0 if ending.exited else selectors.EVENT_READ,
-                       ending.child_exited)
-        self._want(sel, self.proc.output_fd,
-                   selectors.EVENT_READ if writer.wants_output else 0, self._on_output)
+            want(ending.exit_fd, 0 if ending.exited else selectors.EVENT_READ,
+                 ending.child_exited)
+        want(self.proc.output_fd, selectors.EVENT_READ if writer.wants_output else 0,
+             self._on_output)
         if self.stderr is not None:
-            self._want(sel, self.stderr.fd, selectors.EVENT_READ if self.stderr.open else 0,
-                       self.stderr.ready)
+            want(self.stderr.fd, selectors.EVENT_READ if self.stderr.open else 0,
+                 self.stderr.ready)
         sock_events = 0
         if not writer.gone:
             sock_events |= selectors.EVENT_READ
             if not writer.idle:
                 sock_events |= selectors.EVENT_WRITE
-        self._want(sel, self.sock, sock_events, self._on_socket)
+        want(self.sock_fd, sock_events, self._on_socket)
         if self.stdin_fd is not None:
-            self._want(sel, self.stdin_fd, selectors.EVENT_WRITE if self.stdin else 0,
-                       self._on_stdin)
+            want(self.stdin_fd, selectors.EVENT_WRITE if self.stdin else 0, self._on_stdin)
             if not self.stdin:  # all fed (or refused): the child sees EOF
                 self.proc.popen.stdin.close()
                 self.stdin_fd = None
-
-    def _want(self, sel, fileobj, events, callback):
-        current = self._registered.get(fileobj, 0)
-        if events == current:
-            return
-        if not current:
-            sel.register(fileobj, events, callback)
-        elif not events:
-            sel.unregister(fileobj)
-        else:
-            sel.modify(fileobj, events, callback)
-        self._registered[fileobj] = events
 
     # -- events ------------------------------------------------------------
 
@@ -2112,11 +2169,14 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         if context is not None:  # the handshake runs here, never on the accepting thread
             self.request.settimeout(HANDSHAKE_TIMEOUT)
             self.request = context.wrap_socket(self.request, server_side=True)
-        super().setup()
+        # StreamRequestHandler.setup() but for its rfile (a socket file, unused here)
+        self.connection = self.request
+        self.connection.settimeout(self.timeout)
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
+        self.wfile = socketserver._SocketWriter(self.connection)   # wbufsize 0: writes go out
 
     def finish(self):
         tls = self.server.ssl_context is not None
@@ -2543,14 +2603,16 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         writer, ending = stream.writer, stream.ending
         collected = writer.encoder if isinstance(writer.encoder, OutputCollector) else None
         try:
+            # Non-blocking from the head on: a socket with a timeout polls before each send.
+            self.connection.setblocking(False)
             try:
                 if collected is None:
-                    self._send_stream_head(writer)
-            except OSError as exc:  # gone already; the stream still ends the group
+                    self.log_request(HTTPStatus.OK)
+                    writer.start(self._stream_head(writer))
+            except (ClientDisconnected, OSError) as exc:  # gone already; the group still ends
                 log_event(logging.DEBUG, "client-left", before="stream",
                           error=describe_error(exc))
                 stream.lose_client()
-            self.connection.setblocking(False)
             stream.run()
         finally:
             stream.end()   # run() ends it; this covers a failure before or inside run()
@@ -2572,9 +2634,9 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         finally:
             self.connection.settimeout(self.timeout)
 
-    def _send_stream_head(self, writer):
-        """A stream's response head, in one write: all of it but the Date is
-        the same for every stream with the same writer and encoder."""
+    def _stream_head(self, writer):
+        """A stream's response head: all of it but the Date is the same for
+        every stream with the same writer and encoder."""
         kind = (type(writer), type(writer.encoder))
         fields = self._stream_heads.get(kind)
         if fields is None:
@@ -2584,8 +2646,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             fields += getattr(encoder, "headers", ()) + writer.headers
             fields = self._stream_heads[kind] = "".join(
                 "%s: %s\r\n" % field for field in fields).encode("latin-1") + b"\r\n"
-        self.log_request(HTTPStatus.OK)
-        self.wfile.write(("%s 200 OK\r\nServer: %s\r\nDate: %s\r\n" % (
+        return (("%s 200 OK\r\nServer: %s\r\nDate: %s\r\n" % (
             self.protocol_version, self.version_string(), self.date_time_string())
         ).encode("latin-1") + fields)
 
