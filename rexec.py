@@ -1515,13 +1515,12 @@ class Stream:
             self.ending.ask("disconnect", wake=False)
 
     def end(self):
-        """Kill what is left of the group, reap, log the rest of stderr, close.  Idempotent."""
+        """Kill what is left of the group, reap, log the rest of stderr.  Idempotent.
+        The descriptors stay open for the owner's proc.close(), once the body's end
+        went out: closing them need not delay it."""
         self.ending.finish()
-        try:
-            if self.stderr is not None:
-                self.stderr.finish()
-        finally:
-            self.proc.close()
+        if self.stderr is not None:
+            self.stderr.finish()
 
     def _step(self):
         """Let the ending move on; when anything is next due, or None."""
@@ -1957,7 +1956,8 @@ class Event:
         self.event, self.fields = event, fields
 
     def __str__(self):
-        pairs = ["%s=%s" % (name, printable(value)) for name, value in self.fields.items()]
+        pairs = ["%s=%s" % (name, value if type(value) is int else printable(value))
+                 for name, value in self.fields.items()]   # an int needs no escaping
         return " ".join([self.event] + pairs)
 
 
@@ -2587,7 +2587,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._pump(stream)
         finally:
-            # Accounting comes after the last chunk: the client need not wait for it.
+            # Closing and accounting come after the last chunk: the client need not wait.
+            proc.close()
             ending = proc.ending
             self.sent = writer.sent
             self.server.metrics.count_exit(ending.reason, writer.sent)
