@@ -358,6 +358,7 @@ class BodyWriter:
         self.grow_pipe = bool(F_SETPIPE_SZ) and not tty   # see _grow_pipe()
         self.pending = collections.deque()   # bytes, or an int: bytes to splice
         self.output_open = True               # False once the output reached its end
+        self.large = False                    # a chunk of SPLICE_MIN or more came (_take_chunk)
         self.gone = False                     # the client left: output is dropped
         self.sent = 0                         # output bytes framed for the client
         self.progress_at = time.monotonic()   # when the client last took bytes
@@ -442,9 +443,9 @@ class BodyWriter:
         """Frame one chunk of output (or drop it) and send what the socket
         takes; the chunk's size, 0 if there was none."""
         fd = self.output_fd
-        size = fionread(fd)
-        if size >= SPLICE_MIN and self.grow_pipe:
-            self._grow_pipe()
+        # How much is there decides the path, once a large chunk was seen: before,
+        # everything is read in place (a short command costs no FIONREAD).
+        size = fionread(fd) if self.large else 0
         if size >= SPLICE_MIN and self.can_splice and not self.gone:
             size = min(size, PIPE_SIZE)
             self._queue(self.head(size), size, self.tail)
@@ -455,6 +456,10 @@ class BodyWriter:
                 self.output_open = False
             if not size:
                 return 0
+            if size >= SPLICE_MIN and (self.can_splice or self.grow_pipe) and not self.large:
+                self.large = True
+                if self.grow_pipe:
+                    self._grow_pipe()
             if self.gone:
                 return size
             if self.encoder is None:
@@ -1065,10 +1070,28 @@ class Ending:
 FAST_SPAWN = True
 
 
+class PipeEnd:
+    """This side's end of a pipe to a child: what rexec uses of a Popen's pipe
+    file, fileno() and close() (a file object would fstat it when made)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
 class Spawned:
     """A child that posix_spawn started: what rexec uses of a Popen -- pid,
-    stdin, stdout and stderr (unbuffered file objects, or None), wait() and
-    returncode (-N for signal N, as Popen's)."""
+    stdin, stdout and stderr (PipeEnd, or None), wait() and returncode (-N for
+    signal N, as Popen's)."""
 
     def __init__(self, pid, stdin, stdout, stderr):
         self.pid = pid
@@ -1237,8 +1260,7 @@ class PosixSpawn:
             if call(ctypes.byref(pid), os.fsencode(path), actions, self._attr,
                     (ctypes.c_char_p * len(args))(*args), envp):
                 return None   # glibc has reaped what it started; Popen says why
-            files = [None if fd is None else io.open(fd, "wb" if number == 0 else "rb", 0)
-                     for number, fd in enumerate(mine)]
+            files = [None if fd is None else PipeEnd(fd) for fd in mine]
             mine = []
             return Spawned(pid.value, *files)
         finally:
@@ -2633,7 +2655,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         except (ClientDisconnected, OSError):
             self.close_connection = True
         finally:
-            self.connection.settimeout(self.timeout)
+            if not self.close_connection:   # the next request is read with a timeout
+                self.connection.settimeout(self.timeout)
 
     def _stream_head(self, writer):
         """A stream's response head: all of it but the Date is the same for
