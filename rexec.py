@@ -294,7 +294,8 @@ class Poller:
             return [(self._callbacks[key.fd], mask)
                     for key, mask in self._selector.select(timeout)]
         ready = []
-        for fd, revents in self._poll.poll(math.ceil(timeout * 1000)):
+        for fd, revents in self._poll.poll(None if timeout is None else
+                                           math.ceil(timeout * 1000)):
             mask = ((selectors.EVENT_READ if revents & ~select.POLLOUT else 0)
                     | (selectors.EVENT_WRITE if revents & ~select.POLLIN else 0))
             ready.append((self._callbacks[fd], mask))
@@ -308,9 +309,13 @@ class Poller:
 def wait_ready(fileobj, events, timeout):
     """Block until `fileobj` is ready for `events` (selectors.EVENT_READ or
     EVENT_WRITE); False when `timeout` passes first."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(fileobj, events)
-        return bool(sel.select(timeout))
+    poller = Poller()
+    try:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        poller.want(fd, events, None)
+        return bool(poller.wait(timeout))
+    finally:
+        poller.close()
 
 
 _frame_buffers = threading.local()   # each thread's BodyWriter buffer (see _frame_buffer())
@@ -2078,11 +2083,26 @@ def setup_logging(verbosity, fmt):
 # HTTP handler
 # --------------------------------------------------------------------------
 
+def wait_for_socket(sock, exc, writing, deadline):
+    """The non-blocking `sock` raised `exc`, one of WOULD_BLOCK, `writing` or
+    not: wait until it is ready for what `exc` wants (TLS may have to read to
+    write, or write to read), or raise socket.timeout once monotonic
+    `deadline` has passed."""
+    if ssl is not None and isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+        writing = isinstance(exc, ssl.SSLWantWriteError)
+    left = deadline - time.monotonic()
+    if left <= 0 or not wait_ready(
+            sock, selectors.EVENT_WRITE if writing else selectors.EVENT_READ, left):
+        raise socket.timeout("timed out")
+
+
 class DeadlineReader(io.RawIOBase):
-    """Socket reads that share one deadline, so a request trickled in a byte at
-    a time is cut off as surely as a silent one (the socket's own timeout
-    restarts with every byte).  Bytes a stream read off the socket meanwhile
-    (`early`) come first."""
+    """Reads of a non-blocking socket that share one deadline, so a request
+    trickled in a byte at a time is cut off as surely as a silent one (a
+    socket's own timeout restarts with every byte).  A read tries first and
+    waits only when nothing is there: a socket with a timeout would poll(2)
+    before every read.  Bytes a stream read off the socket meanwhile (`early`)
+    come first."""
 
     def __init__(self, sock):
         self.sock = sock
@@ -2098,12 +2118,33 @@ class DeadlineReader(io.RawIOBase):
             buffer[:count] = self.early[:count]
             del self.early[:count]
             return count
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
+        deadline = self.deadline or time.monotonic() + REQUEST_TIMEOUT
+        while True:
+            if time.monotonic() >= deadline:
                 raise socket.timeout("the request took too long to arrive")
-            self.sock.settimeout(left)
-        return self.sock.recv_into(buffer)
+            try:
+                return self.sock.recv_into(buffer)
+            except WOULD_BLOCK as exc:
+                wait_for_socket(self.sock, exc, False, deadline)
+
+
+class SocketWriter(socketserver._SocketWriter):
+    """wfile: each write goes out whole on the non-blocking socket, waiting up
+    to `timeout` seconds for each pause of the client's."""
+
+    def __init__(self, sock, timeout):
+        super().__init__(sock)
+        self.timeout = timeout
+
+    def write(self, data):
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += self._sock.send(view[sent:])
+                except WOULD_BLOCK as exc:
+                    wait_for_socket(self._sock, exc, True, time.monotonic() + self.timeout)
+            return sent
 
 
 @functools.lru_cache(maxsize=1024)   # asked of every request; peers and hosts repeat
@@ -2191,14 +2232,15 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         if context is not None:  # the handshake runs here, never on the accepting thread
             self.request.settimeout(HANDSHAKE_TIMEOUT)
             self.request = context.wrap_socket(self.request, server_side=True)
-        # StreamRequestHandler.setup() but for its rfile (a socket file, unused here)
+        # StreamRequestHandler.setup(), but the socket stays non-blocking: its
+        # reader and writer wait themselves, and only when they must.
         self.connection = self.request
-        self.connection.settimeout(self.timeout)
+        self.connection.setblocking(False)
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
-        self.wfile = socketserver._SocketWriter(self.connection)   # wbufsize 0: writes go out
+        self.wfile = SocketWriter(self.connection, self.timeout)
 
     def finish(self):
         tls = self.server.ssl_context is not None
@@ -2218,8 +2260,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         strict clients report the end as an error.  Not waiting for the peer's
         own alert: the connection is closing either way."""
         with contextlib.suppress(OSError, ValueError):   # SSLWantRead, or the peer is gone
-            self.connection.setblocking(False)
-            self.connection.unwrap()
+            self.connection.unwrap()   # the socket is non-blocking: no wait
 
     def _discard_unread_body(self):
         """Closing with unread bytes makes the kernel reset the connection, which
@@ -2626,8 +2667,6 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         writer, ending = stream.writer, stream.ending
         collected = writer.encoder if isinstance(writer.encoder, OutputCollector) else None
         try:
-            # Non-blocking from the head on: a socket with a timeout polls before each send.
-            self.connection.setblocking(False)
             try:
                 if collected is None:
                     self.log_request(HTTPStatus.OK)
@@ -2647,16 +2686,12 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             if writer.gone:
                 pass
             elif collected is not None:
-                self.connection.settimeout(self.timeout)
                 self.send_json(HTTPStatus.OK, collected.answer(
                     stream.proc.alias, ending.exit_code, ending.reason))
             else:
                 writer.finish(ending.exit_code, ending.reason)
         except (ClientDisconnected, OSError):
             self.close_connection = True
-        finally:
-            if not self.close_connection:   # the next request is read with a timeout
-                self.connection.settimeout(self.timeout)
 
     def _stream_head(self, writer):
         """A stream's response head: all of it but the Date is the same for
