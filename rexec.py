@@ -2005,14 +2005,26 @@ def log_event(level, event, exc_info=False, **fields):
     still writes the lines with a traceback, and decides which levels log."""
     if not log.isEnabledFor(level):
         return
-    out = LineFormatter.direct
-    if out is None or exc_info:
+    if LineFormatter.direct is None or exc_info:
         log.log(level, Event(event, fields), exc_info=exc_info)
         return
-    line = out.line(time.time(), level, Event(event, fields)) + "\n"
+    log_events(level, [(event, fields)])
+
+
+def log_events(level, events):
+    """Log_event() for each (event, fields) of `events`, in one write."""
+    out = LineFormatter.direct
+    if out is None:
+        for event, fields in events:
+            log_event(level, event, **fields)
+        return
+    if not log.isEnabledFor(level):
+        return
+    now = time.time()
+    text = "".join(out.line(now, level, Event(event, fields)) + "\n" for event, fields in events)
     with out.lock:   # one line at a time, however long
         try:
-            write_fd(out.fd, line.encode(out.encoding, out.errors))
+            write_fd(out.fd, text.encode(out.encoding, out.errors))
         except OSError:   # a log that cannot be written must not stop a stream
             pass
 
@@ -2283,6 +2295,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.sent = 0
         self.alias = None
         self.credential = None   # who the request is from, once _authorize() knows
+        self.end_line = None     # a stream's end line, for _log_access() to write
         self.begun = time.monotonic()
         self.command = self.requestline = ""
         self.request_version = self.default_request_version
@@ -2298,8 +2311,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         except socket.timeout as exc:   # the head or body did not arrive in time
             self.log_error("Request timed out: %r", exc)
             self.close_connection = True
-        if self.status is not None:
-            self._log_access()
+        finally:
+            if self.status is not None:
+                self._log_access()
+            elif self.end_line:   # never lost, even without an answer
+                log_events(logging.INFO, [self.end_line])
         if self.unread_body:
             self.close_connection = True
         elif self.close_connection and self._bytes_waiting():
@@ -2655,10 +2671,10 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             ending = proc.ending
             self.sent = writer.sent
             self.server.metrics.count_exit(ending.reason, writer.sent)
-            log_event(logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
-                      exit=ending.exit_code, reason=ending.reason,
-                      duration=Duration.since(proc.started_mono),
-                      bytes=writer.sent, token=proc.owner or "-")
+            self.end_line = ("end", dict(  # written with the access line, in one write
+                alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd, exit=ending.exit_code,
+                reason=ending.reason, duration=Duration.since(proc.started_mono),
+                bytes=writer.sent, token=proc.owner or "-"))
 
     def _pump(self, stream):
         """Send the head, run the stream (it reaps the child and frees the alias),
@@ -2797,11 +2813,13 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     def _log_access(self):
         status = int(self.status)
         self.server.metrics.count_request(status)
-        log_event(logging.INFO, "access", peer=self.client_address[0], method=self.command or "-",
-                  path=logged_path(self.path) if self.command else "-", status=status,
-                  bytes=self.sent, duration=Duration.since(self.begun),
-                  alias=self.alias or "-",
-                  token=self.credential and self.credential.name or "-")
+        access = ("access", dict(
+            peer=self.client_address[0], method=self.command or "-",
+            path=logged_path(self.path) if self.command else "-", status=status,
+            bytes=self.sent, duration=Duration.since(self.begun), alias=self.alias or "-",
+            token=self.credential and self.credential.name or "-"))
+        lines, self.end_line = [self.end_line, access] if self.end_line else [access], None
+        log_events(logging.INFO, lines)
 
 
 def resolve_allowed(cmd):
