@@ -105,6 +105,8 @@ COPY_SIZE = 256 * 1024       # a copied large chunk (TLS, a terminal, no splice)
 SPLICE_MIN = 16 * 1024       # smaller chunks are read in place: one send beats three calls
 OUTPUT_BURST = 16            # large chunks passed on in a row before the selector runs again
 HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for its head
+HEAD_WAIT = 0.005            # seconds a response head waits for output to go out with it
+COALESCE_MAX = 64 * 1024     # a first frame up to this size is copied to go out with the head
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
 WRITE_TIMEOUT = 30.0         # seconds a client that stopped reading may hold up a stream's end
@@ -369,10 +371,16 @@ class BodyWriter:
         self.progress_at = time.monotonic()   # when the client last took bytes
         self.framed_at = time.monotonic()     # when the last frame was queued
         self._buffer = None                   # see _frame_buffer()
+        self._head = self._head_due = None    # the response head while held (start())
 
     @property
     def idle(self):
         return not self.pending
+
+    @property
+    def holds_head(self):
+        """True while the response head waits to go out (start())."""
+        return self._head is not None
 
     @property
     def wants_output(self):
@@ -410,10 +418,9 @@ class BodyWriter:
             raise
 
     def start(self, head):
-        """Send the response head (as the first pending bytes: the output is
-        read once the client took it)."""
-        self._queue(head)
-        self.flush()
+        """Hold the response head for the first output (or the end) to go out
+        with it in one send; HEAD_WAIT at most, then alone (see tick())."""
+        self._head, self._head_due = head, time.monotonic() + HEAD_WAIT
 
     def finish(self, exit_code, reason):
         """Send what is pending and the end of the body, which says how the
@@ -425,23 +432,32 @@ class BodyWriter:
             if not wait_ready(self.sock, selectors.EVENT_WRITE, WRITE_TIMEOUT):
                 raise ClientDisconnected("the client stopped reading")
 
-    def keepalive_due(self):
-        """When a silent stream next says it is alive (see keep_alive()), or None."""
-        if self.encoder is None or self.encoder.keepalive is None or self.gone:
+    def due(self):
+        """When the writer next sends something of its own (tick()), or None."""
+        if self.gone:
             return None
-        return self.framed_at + EVENT_KEEPALIVE
+        due = self._head_due if self._head is not None else None
+        if self.encoder is not None and self.encoder.keepalive is not None:
+            due = earliest(due, self.framed_at + EVENT_KEEPALIVE)
+        return due
 
-    def keep_alive(self, now):
-        """Send the encoder's keep-alive once the stream has been silent for
-        EVENT_KEEPALIVE: a proxy in between must not take it for a dead one."""
-        due = self.keepalive_due()
-        if due is not None and now >= due and self.idle:
+    def tick(self, now):
+        """Send what time calls for: the response head once it waited HEAD_WAIT
+        for output, and the encoder's keep-alive once the stream has been
+        silent for EVENT_KEEPALIVE (a proxy in between must not take it for a
+        dead one)."""
+        if self._head is not None and now >= self._head_due:
+            self._queue()
+            self.flush()
+        if self.encoder is not None and self.encoder.keepalive is not None and (
+                now >= self.framed_at + EVENT_KEEPALIVE and self.idle and not self.gone):
             self._queue_frame(self.encoder.keepalive)
             self.flush()
 
     def lose(self):
         """The client is gone: drop what is pending, and from now on the output."""
         self.gone = True
+        self._head = None
         self.pending.clear()
 
     def _take_chunk(self):
@@ -479,6 +495,12 @@ class BodyWriter:
         return size
 
     def _queue(self, *items):
+        if self._head is not None:   # the held response head goes first, in one send if small
+            head, self._head = self._head, None
+            if items and not isinstance(items[0], int) and len(items[0]) <= COALESCE_MAX:
+                items = (head + items[0],) + items[1:]
+            else:
+                items = (head,) + items
         self.pending.extend(item for item in items if item)   # never an empty write
 
     def _queue_frame(self, data):
@@ -1556,12 +1578,11 @@ class Stream:
         if slow and now >= writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()   # ... and stopped reading
         due = ending.step(now, self._output_done)
-        if writer.encoder is not None:   # an event stream's keep-alive comments
-            try:
-                writer.keep_alive(now)
-            except ClientDisconnected:
-                self.lose_client()
-            due = earliest(due, writer.keepalive_due())
+        try:
+            writer.tick(now)   # the held head, an event stream's keep-alive comments
+        except ClientDisconnected:
+            self.lose_client()
+        due = earliest(due, writer.due())
         if self.stderr is not None and self.stderr.dropped:
             due = earliest(due, self.stderr.step(now))
         if slow:
@@ -2677,21 +2698,21 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 bytes=writer.sent, token=proc.owner or "-"))
 
     def _pump(self, stream):
-        """Send the head, run the stream (it reaps the child and frees the alias),
-        then the end of the body: the alias is free when the client reads it.  A
-        JSON answer (an OutputCollector) is sent whole once the process ended."""
+        """Send the head (with the first output, see BodyWriter.start), run the
+        stream (it reaps the child and frees the alias), then the end of the
+        body: the alias is free when the client reads it.  A JSON answer (an
+        OutputCollector) is sent whole once the process ended."""
         writer, ending = stream.writer, stream.ending
         collected = writer.encoder if isinstance(writer.encoder, OutputCollector) else None
         try:
-            try:
-                if collected is None:
-                    self.log_request(HTTPStatus.OK)
-                    writer.start(self._stream_head(writer))
-            except (ClientDisconnected, OSError) as exc:  # gone already; the group still ends
-                log_event(logging.DEBUG, "client-left", before="stream",
-                          error=describe_error(exc))
-                stream.lose_client()
+            if collected is None:
+                self.log_request(HTTPStatus.OK)
+                writer.start(self._stream_head(writer))
             stream.run()
+        except Exception:
+            if writer.holds_head:   # nothing went out yet: the client gets a 500 instead
+                self.status = None
+            raise
         finally:
             stream.end()   # run() ends it; this covers a failure before or inside run()
         if writer.gone or collected is None and not writer.keeps_connection:
