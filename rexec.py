@@ -779,12 +779,21 @@ def _json_constant(name):
     raise ValueError("%s is not a JSON number" % name)
 
 
+_json_decoders = threading.local()   # each thread's decoder for load_json(), made once
+
+
 def load_json(text):
     """json.loads, but a number literal over MAX_NUMBER characters raises JSONLimit
     before it is converted (int() is quadratic; 3.11+ would raise its own error at
     4300 digits), and NaN and Infinity, which JSON does not have, raise ValueError."""
-    return json.loads(text, parse_int=_json_number(int), parse_float=_json_number(float),
-                      parse_constant=_json_constant)
+    decoder = getattr(_json_decoders, "decoder", None)
+    if decoder is None:   # json.loads() with these options would make one for each call
+        decoder = _json_decoders.decoder = json.JSONDecoder(
+            parse_int=_json_number(int), parse_float=_json_number(float),
+            parse_constant=_json_constant)
+    if text.startswith("\ufeff"):   # what json.loads() itself checks first
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return decoder.decode(text)
 
 
 def json_depth(body):
@@ -2026,10 +2035,11 @@ def log_event(level, event, exc_info=False, **fields):
     still writes the lines with a traceback, and decides which levels log."""
     if not log.isEnabledFor(level):
         return
-    if LineFormatter.direct is None or exc_info:
+    out = LineFormatter.direct
+    if out is None or exc_info:
         log.log(level, Event(event, fields), exc_info=exc_info)
         return
-    log_events(level, [(event, fields)])
+    _write_events(out, level, [(event, fields)])
 
 
 def log_events(level, events):
@@ -2038,9 +2048,11 @@ def log_events(level, events):
     if out is None:
         for event, fields in events:
             log_event(level, event, **fields)
-        return
-    if not log.isEnabledFor(level):
-        return
+    elif log.isEnabledFor(level):
+        _write_events(out, level, events)
+
+
+def _write_events(out, level, events):
     now = time.time()
     text = "".join(out.line(now, level, Event(event, fields)) + "\n" for event, fields in events)
     with out.lock:   # one line at a time, however long
