@@ -4759,10 +4759,10 @@ def post_request(spec):
 # A reference for the echo rows, with no target: the least that a server built
 # the way rexec is (a threading http.server, Popen on the connection's thread,
 # chunks written by hand) does for a request -- no checks, registry, logging,
-# metrics or stream loop.  What it reaches bounds what rexec's design can: on
-# the 2-CPU VM of 2026-11-29/12-01 it took 1.49 to 1.58 times a direct spawn's
-# latency and got 0.53 to 0.62 of its rate, short of the targets (1.35x, 0.7x)
-# itself.  See Bench.latency for where rexec's extra time goes.
+# metrics or stream loop.  On the 2-CPU VM of 2026-11-29 to 12-02 it took 1.5
+# to 1.8 times a direct spawn's latency and got 0.53 to 0.65 of its rate, short
+# of the targets (1.35x, 0.8x) itself.  See Bench.latency for where rexec's
+# extra time goes, and for a leaner prototype of the same shape.
 FLOOR = r"""
 import http.server, json, socket, socketserver, subprocess
 
@@ -4795,6 +4795,97 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 server = Server(("127.0.0.1", 0), Handler)
 print(server.server_address[1], flush=True)
 server.serve_forever()
+"""
+
+
+# A second reference: the leanest server of rexec's shape found (issue 18's
+# prototype, 2026-12-02), with only the costs rexec cannot drop -- its log lines
+# (start; end and access in one write), the child's stderr read to its end, a
+# pidfd and an eventfd polled, TCP_NODELAY -- and none of its checks, registry,
+# metrics or limits: warm threads, the head parsed from one recv, rexec's own
+# spawn(), the response head sent with the first output.  What it takes is
+# about the least this design can take; argv[1] is rexec.py's directory.
+LEAN = r"""
+import json, mmap, os, queue, select, signal, socket, subprocess, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import rexec
+HEAD = (b"Server: lean\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked"
+        b"\r\nTrailer: Rexec-Exit-Code, Rexec-Reason\r\nConnection: close\r\n\r\n")
+local, jobs, idle = threading.local(), queue.SimpleQueue(), [0]
+
+def log(*lines):
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    os.write(2, "".join("%s,%03d INFO %s\n" % (stamp, now % 1 * 1000, line)
+                        for line in lines).encode())
+
+def serve(sock, peer):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    begun, data = time.monotonic(), sock.recv(65536)
+    end = data.find(b"\r\n\r\n")
+    length = int(data[data.lower().find(b"content-length:") + 15:end].split(b"\r\n")[0])
+    spec = json.loads(data[end + 4:end + 4 + length])
+    child = rexec.spawn([spec["cmd"]] + spec["args"], None, ".", None, subprocess.DEVNULL,
+                        subprocess.PIPE, subprocess.PIPE)
+    log("start alias=%s pid=%d cmd=%s token=-" % (spec["alias"], child.pid, spec["cmd"]))
+    out, err = child.stdout.fileno(), child.stderr.fileno()
+    pidfd, wake = os.pidfd_open(child.pid), os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    view = getattr(local, "view", None)
+    if view is None:
+        view = local.view = memoryview(mmap.mmap(-1, 1 << 18))
+    poller = select.poll()
+    for fd in (out, err, pidfd, wake):
+        poller.register(fd, select.POLLIN)
+    head, status, sent, fds = b"HTTP/1.1 200 OK\r\n" + HEAD, None, 0, {out, err}
+    while fds or status is None:
+        for fd, _ in poller.poll():
+            if fd == pidfd:
+                status = os.waitpid(child.pid, 0)[1]
+                poller.unregister(pidfd)
+            elif fd in (out, err):
+                n = os.readv(fd, [view])
+                if not n:
+                    poller.unregister(fd)
+                    fds.discard(fd)
+                elif fd == out:
+                    sock.sendall(head + b"%x\r\n%s\r\n" % (n, view[:n]))
+                    head, sent = b"", sent + n
+    code = os.waitstatus_to_exitcode(status)
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    sock.sendall(head + b"0\r\nRexec-Exit-Code: %d\r\nRexec-Reason: exit\r\n\r\n" % code)
+    for fd in (pidfd, wake):
+        os.close(fd)
+    child.stdout.close()
+    child.stderr.close()
+    took = time.monotonic() - begun
+    log("end alias=%s pid=%d cmd=%s exit=%d reason=exit duration=%.3fs bytes=%d token=-"
+        % (spec["alias"], child.pid, spec["cmd"], code, took, sent),
+        "access peer=%s method=POST path=/process status=200 bytes=%d duration=%.3fs alias=%s "
+        "token=-" % (peer[0], sent, took, spec["alias"]))
+
+def worker():
+    while True:
+        sock, peer = jobs.get()
+        try:
+            serve(sock, peer)
+        except Exception:
+            pass
+        finally:
+            sock.close()
+            idle[0] += 1
+
+listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+print(listener.getsockname()[1], flush=True)
+while True:
+    connection = listener.accept()
+    if idle[0]:
+        idle[0] -= 1
+    else:
+        threading.Thread(target=worker, daemon=True).start()
+    jobs.put(connection)
 """
 
 
@@ -5015,6 +5106,23 @@ class Bench:
             floor.wait()
             floor.stdout.close()
 
+    @contextlib.contextmanager
+    def lean(self):
+        """A running LEAN server (its process and port), or None before Python
+        3.10 (it needs os.eventfd); its log goes to a file, as rexec's does."""
+        if sys.version_info < (3, 10):
+            yield None
+            return
+        with open(os.path.join(self.tmp, "lean.log"), "wb") as log:
+            lean = subprocess.Popen([sys.executable, "-c", LEAN, HERE], stdout=subprocess.PIPE,
+                                    stderr=log)
+        try:
+            yield types.SimpleNamespace(proc=lean, port=int(lean.stdout.readline()))
+        finally:
+            lean.kill()
+            lean.wait()
+            lean.stdout.close()
+
     @staticmethod
     def echo_webhook(port):
         with bench_connect(port) as sock:
@@ -5062,7 +5170,7 @@ class Bench:
             proc.kill()
             proc.wait()
 
-    def latency(self, server, floor, hook=None):
+    def latency(self, server, floor, hook=None, lean=None):
         """`POST /process` of `echo hi`, a new connection each time, from connect to
         the last trailer, one after another; against subprocess.run of `echo hi`
         here, the same requests to FLOOR (the reference rows, no target) and, when
@@ -5073,42 +5181,35 @@ class Bench:
         1.0x of webhook's; rexec's server CPU <= 0.6 ms a request (on 3.13).
         Without webhook on PATH its rows say "skipped" and why.
 
-        Before webhook was added, missed in every run: 1.8 to 2.2x (2.1 before
-        the changes below), while
-        FLOOR took 1.49 to 1.58x -- short of the target itself.  rexec takes
-        0.5 to 0.6 ms more a request than FLOOR and 1.6 to 1.7 times its server
-        CPU (1.5 to 2.3 ms against 0.9 to 1.4 ms), which caps its rate under one GIL
-        (see rate).  Its three log lines (start, end, access) are about 0.2 ms of
-        that: stubbing them out saved 0.2 ms a request on average over 9 rounds
-        of 500 on an idle machine, single rounds ranging from 0 to 0.4 ms.  The
-        rest is its checks, registry, metrics and stream loop, tens of µs each.
-        Meeting the targets needs another design than a thread per connection
-        with Popen on it, or other targets.
+        Missed in every run so far, and out of reach of the shape itself on the
+        2-CPU VM of 2026-12-02: a prototype of the leanest server built this way
+        (warm threads, its own head parsing, a pre-built head, the fast spawn,
+        no checks, registry or metrics) took 0.40 to 0.45 ms of server CPU a
+        request, 1.2x a direct spawn's latency; with only rexec's own costs
+        added to it -- three log lines, a stderr pipe, a pidfd, an eventfd, its
+        socket timeouts, TCP_NODELAY -- 0.58 to 0.69 ms, the CPU target itself.
+        After the changes of 2026-12-02 rexec took 1.07 to 1.14x FLOOR's CPU a
+        request (0.77 ms in the quietest of three runs; 1.2 to 1.3x before them,
+        1.6 to 1.7x before issue 18).  Under 8 clients each system call hands
+        the GIL over (futex storms under strace), so a call saved counts about
+        twice there.
 
-        Phases, timed one by one in one thread on Python 3.13: the handler's
-        set-up 50 µs, http.server's header parsing 130 µs (its email parser), the
-        checks before the body 60 µs, parsing the spec 50 µs, each log line 60 to
-        70 µs, the stream's head 80 µs, its last chunk 70 µs, its end 35 µs;
-        Popen (whose Python side searches PATH; a direct spawn pays it too); a
-        new thread per connection, 0.3 to 0.4 ms of latency by itself.  The
-        critical path, from timestamps on both sides of one request at a time
-        (median of 250, 3.07 ms in all): connect 0.27 ms; the connection's thread
-        running 0.21 ms after the accept; request line and headers parsed 0.31 ms
-        later; checks, body and spec 0.19 ms; Popen 0.63 ms; the child's exec and
-        first output 1.14 ms; its exit seen, reaped and the last chunk out
-        0.33 ms.  A direct spawn, Popen included, takes 1.4 to 1.8 ms.
+        Done on 2026-12-02, each measured against the commit before it: the
+        stream waits through a small Poller on poll(2) itself (selectors' key
+        objects cost more than the wait); the frame buffer is each thread's,
+        mapped once (an mmap and munmap a stream cost some 40 µs); the socket
+        stays non-blocking, its reader and writer trying first (with a timeout,
+        Python polls before every recv and send, and each settimeout is an
+        ioctl); the head waits up to HEAD_WAIT for the first output, to go out
+        with it in one send; FIONREAD only once a large chunk came; a spawned
+        child's pipes are bare descriptors (no fstat); the end and access lines
+        in one write; one JSON decoder a thread.  Together: 0.85x the CPU a
+        request sequentially, 0.75x under 8 clients, on 3.13 and 3.8 alike.
 
-        Done: the `end` log line and the metrics after the last chunk, not
-        before (the client no longer waits for them, about 0.1 ms); log lines
-        formatted only when written, without looking up thread, process or
-        caller; no copy of the environment for a request without `envs`; the
-        stream waits in poll(2) (no epoll descriptor, no system call per
-        registration) with an eventfd as its wake-up channel on 3.10+.
-        Measured and not kept: a pool of 16 warm connection threads cut the
-        server CPU per request by a fifth (1.88 to 1.46 ms) and raised the
-        8-client rate by 12%, nowhere near 0.7x, and it would replace the
-        thread-per-connection design of ThreadingHTTPServer that rexec is built
-        on.
+        Before (issue 18's first part): warm threads, rexec's own head parsing,
+        the fast spawn, log lines written directly, a pre-built head; the end
+        line and the metrics after the last chunk; no environment copied for a
+        request without `envs`.
         """
         cpu = {}   # pid: CPU seconds used while its requests were timed
 
@@ -5127,10 +5228,14 @@ class Bench:
         sample(lambda: self.echo_rexec(floor.port, "echo"), 5)
         if hook:
             sample(lambda: self.echo_webhook(hook.port), 5)
-        ours, floors, hooks, theirs = [], [], [], []
+        if lean:
+            sample(lambda: self.echo_rexec(lean.port, "echo"), 5)
+        ours, floors, hooks, leans, theirs = [], [], [], [], []
         for _ in range(5):   # interleaved, so all see the same background load
             ours += sample(lambda: self.echo_rexec(server.port, "echo"), n // 5, server.proc.pid)
             floors += sample(lambda: self.echo_rexec(floor.port, "echo"), n // 5, floor.proc.pid)
+            if lean:
+                leans += sample(lambda: self.echo_rexec(lean.port, "echo"), n // 5, lean.proc.pid)
             if hook:
                 hooks += sample(lambda: self.echo_webhook(hook.port), n // 5, hook.proc.pid)
             theirs += sample(self.echo_direct, n // 5)
@@ -5151,12 +5256,20 @@ class Bench:
                      rexec_vs_webhook=median(ours) / median(hooks))
         else:
             f.update(webhook_skipped=WEBHOOK_SKIPPED)
+        if lean:
+            f.update(lean_median_ms=median(leans) * 1e3, lean_p99_ms=percentile(leans, 0.99) * 1e3,
+                     lean_cpu_ms=cpu[lean.proc.pid] / len(leans) * 1e3,
+                     lean_ratio=median(leans) / median(theirs))
         direct = "%.2f (%.2f) direct spawn" % (f["direct_median_ms"], f["direct_p99_ms"])
         self.row("echo hi latency: median ms (p99)",
                  "%.2f (%.2f)" % (f["rexec_median_ms"], f["rexec_p99_ms"]),
                  direct, ratio, "<= 1.35x", ratio <= 1.35)
         self.row("reference, bare http.server + Popen: echo hi latency",
                  "%.2f (%.2f)" % (f["floor_median_ms"], f["floor_p99_ms"]), direct, floor_ratio)
+        if lean:
+            self.row("reference, LEAN: echo hi latency",
+                     "%.2f (%.2f)" % (f["lean_median_ms"], f["lean_p99_ms"]), direct,
+                     f["lean_ratio"])
         if hook:
             self.row("peer, webhook %s (Go): echo hi latency" % hook.version,
                      "%.2f (%.2f)" % (f["webhook_median_ms"], f["webhook_p99_ms"]), direct,
@@ -5179,8 +5292,12 @@ class Bench:
             self.row(name + ": server CPU ms/request vs webhook", "%.2f" % f["rexec_cpu_ms"],
                      "%.2f webhook" % f["webhook_cpu_ms"],
                      f["rexec_cpu_ms"] / max(f["webhook_cpu_ms"], 0.01))
+        if "lean_cpu_ms" in f:
+            self.row(name + ": server CPU ms/request vs LEAN", "%.2f" % f["rexec_cpu_ms"],
+                     "%.2f LEAN" % f["lean_cpu_ms"],
+                     f["rexec_cpu_ms"] / max(f["lean_cpu_ms"], 0.01))
 
-    def rate(self, server, floor, hook=None):
+    def rate(self, server, floor, hook=None, lean=None):
         """8 threads making `echo hi` requests at once (conc_each each), against 8
         threads spawning `echo hi` themselves, FLOOR (reference, no target) and
         webhook (the peer) when it is installed; each server's runs come on both
@@ -5222,9 +5339,13 @@ class Bench:
                                         floor.proc.pid)
         hook_run = hook and (lambda: run_threads(lambda c, i: self.echo_webhook(hook.port),
                                                  hook.proc.pid))
+        lean_run = lean and (lambda: run_threads(
+            lambda c, i: self.echo_rexec(lean.port, "c%d" % c), lean.proc.pid))
         ours, floors = rexec_run(), floor_run()
         hooks = hook_run() if hook else None
+        leans = lean_run() if lean else None
         theirs = run_threads(lambda c, i: self.echo_direct())
+        leans = (leans + lean_run()) / 2 if lean else None
         hooks = (hooks + hook_run()) / 2 if hook else None
         floors = (floors + floor_run()) / 2
         ours = (ours + rexec_run()) / 2
@@ -5242,11 +5363,17 @@ class Bench:
                      webhook_cpu_ms=cpu[hook.proc.pid] / requests * 1e3)
         else:
             f.update(webhook_skipped=WEBHOOK_SKIPPED)
+        if lean:
+            f.update(lean_req_s=leans, lean_ratio=leans / theirs,
+                     lean_cpu_ms=cpu[lean.proc.pid] / requests * 1e3)
         direct = "%.0f direct spawn (%d threads)" % (theirs, clients)
         self.row("echo hi, %d clients: req/s" % clients, "%.0f" % ours, direct, ratio, ">= 0.8x",
                  ratio >= 0.8)
         self.row("reference, bare http.server + Popen: %d clients" % clients, "%.0f" % floors,
                  direct, floors / theirs)
+        if lean:
+            self.row("reference, LEAN: %d clients" % clients, "%.0f" % leans, direct,
+                     f["lean_ratio"])
         if hook:
             self.row("peer, webhook %s (Go): %d clients" % (hook.version, clients),
                      "%.0f" % hooks, direct, f["webhook_ratio"])
@@ -5528,14 +5655,14 @@ class Bench:
                     for client in clients:
                         self.stream(server, tls, client)
         echo = "latency" in parts or "rate" in parts
-        with self.server() as server, self.floor() as floor, \
+        with self.server() as server, self.floor() as floor, self.lean() as lean, \
                 (self.webhook() if echo else contextlib.nullcontext()) as hook:
             if echo and not hook:
                 print("  (no webhook: its rows are skipped)", file=sys.stderr)
             if "latency" in parts:
-                self.latency(server, floor, hook)
+                self.latency(server, floor, hook, lean)
             if "rate" in parts:
-                self.rate(server, floor, hook)
+                self.rate(server, floor, hook, lean)
             if "first-byte" in parts:
                 self.first_byte(server)
             if "kill" in parts:
