@@ -2055,7 +2055,12 @@ def log_events(level, events):
 
 def _write_events(out, level, events):
     now = time.time()
-    text = "".join(out.line(now, level, Event(event, fields)) + "\n" for event, fields in events)
+    if out.as_json:
+        text = "".join(out.line(now, level, Event(event, fields)) + "\n"
+                       for event, fields in events)
+    else:   # what line() makes of each, with the time and level made once for all
+        prefix = out.text_prefix(now, level)
+        text = "".join("%s%s\n" % (prefix, Event(event, fields)) for event, fields in events)
     with out.lock:   # one line at a time, however long
         try:
             write_fd(out.fd, text.encode(out.encoding, out.errors))
@@ -2099,14 +2104,17 @@ class LineFormatter(logging.Formatter):
             if traceback:
                 entry["traceback"] = traceback
             return json.dumps(entry, default=str)
+        line = self.text_prefix(created, level) + str(msg)
+        return line + "\n" + traceback if traceback else line
+
+    def text_prefix(self, created, level):
+        """'TIME LEVEL ' of a text line, the time as the logging module writes it."""
         second = int(created)
         made, text = self._second
         if made != second:
             text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._second = (second, text)
-        line = "%s,%03d %s %s" % (text, (created - second) * 1000, logging.getLevelName(level),
-                                  msg)
-        return line + "\n" + traceback if traceback else line
+        return "%s,%03d %s " % (text, (created - second) * 1000, logging.getLevelName(level))
 
 
 def setup_logging(verbosity, fmt):
