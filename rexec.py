@@ -967,8 +967,7 @@ class Ending:
         self._popen = None
         self._deadline = self._term_at = None
         self._wake_w = None
-        self._done = threading.Lock()   # held until the child is reaped (an Event costs more)
-        self._done.acquire()
+        self._done = threading.Event()
         self._lock = threading.Lock()
 
     def prepare(self):
@@ -1049,8 +1048,7 @@ class Ending:
 
     def wait(self):
         """Block until the child is reaped; its exit code (None: it never started)."""
-        with self._done:
-            pass
+        self._done.wait()
         return self.exit_code
 
     def close(self):
@@ -1074,8 +1072,7 @@ class Ending:
 
     def _release(self):
         self.on_reaped()
-        if self._done.locked():
-            self._done.release()
+        self._done.set()
 
     def _watch_exit(self):
         """Learn of the child's exit without reaping it: a pidfd for the stream's
