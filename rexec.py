@@ -29,7 +29,8 @@ The sections of this file, in order:
     Protocol            chunk framing; BodyWriter (ChunkedWriter, RawWriter), which
                         owns every byte path from a child's output to a socket;
                         its encoders (EventEncoder, OutputCollector) and the
-                        Accept header's choice among them
+                        Accept header's choice among them; Poller, what a stream
+                        waits on
     Requests            parse_spec(): what a POST /process body may say
     Process supervision Ending, the one owner of how a process group ends;
                         Process (one child); StderrLines, its stderr into the log;
@@ -38,7 +39,8 @@ The sections of this file, in order:
     Access              who may do what: named tokens (Credential), their roles, the
                         tokens file; Access, the whole of it, swapped whole on SIGHUP
     Logging             one line per event, as text or JSON
-    HTTP handler        RexecHandler: the API on one connection
+    HTTP handler        RexecHandler: the API on one connection, its socket
+                        non-blocking throughout (DeadlineReader, SocketWriter)
     Server              RexecServer: the accept loop, a thread per connection
                         (WarmThreads), the drain, signals and reloads
     Command line        the server's options, its start-up and signals: serve();
