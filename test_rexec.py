@@ -5701,15 +5701,20 @@ class BenchmarkRequestTests(unittest.TestCase):
     def test_the_references_serve_the_echo_request(self):
         with tempfile.TemporaryDirectory() as tmp:
             bench = Bench(QUICK, tmp)
+            path = os.path.join(tmp, "lean.log")
+
+            def events():
+                with open(path) as log:
+                    return [line.split()[3] for line in log]
             with bench.floor() as floor, bench.lean() as lean:
                 for reference in (floor, lean) if lean else (floor,):
                     Bench.echo_rexec(reference.port, "bench")   # asserts the body and trailers
                     Bench.echo_rexec(reference.port, "bench")   # on a warm thread too
+                if lean:   # the end and access lines come after the trailers
+                    self.assertTrue(wait_for(lambda: len(events()) == 6), events())
+                    self.assertEqual(events(), ["start", "end", "access"] * 2)
             if lean:
                 self.assertIsNotNone(lean.proc.returncode)
-                with open(os.path.join(tmp, "lean.log")) as log:
-                    self.assertEqual([line.split()[3] for line in log],
-                                     ["start", "end", "access"] * 2)
 
     @unittest.skipUnless(shutil.which("webhook"), WEBHOOK_SKIPPED)
     def test_webhook_peer_answers_the_echo_hook(self):
