@@ -109,6 +109,8 @@ OUTPUT_BURST = 16            # large chunks passed on in a row before the select
 HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for its head
 HEAD_WAIT = 0.005            # seconds a response head waits for output to go out with it
 COALESCE_MAX = 64 * 1024     # a first frame up to this size is copied to go out with the head
+FIRST_WAIT = 0.001           # seconds the first output (and the head) waits for more, or the end
+LOG_HOLD = HEAD_WAIT         # seconds a start line may wait to go out with the end line
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
 WRITE_TIMEOUT = 30.0         # seconds a client that stopped reading may hold up a stream's end
@@ -129,6 +131,7 @@ THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in 
 WARM_IDLE = 10.0             # seconds a connection's thread waits for the next one, then exits
 LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
 ACCEPT_PAUSE = 0.1           # seconds without accepting while out of descriptors (EMFILE)
+ACCEPT_BURST = 16            # connections accepted one after another before polling again
 DRAIN_SLACK = 5.0            # seconds a stop waits past the grace for streams to send their end
 DRAIN_POLL = 0.05            # seconds between a draining stop's looks at its streams
 CUT_WAIT = 1.0               # seconds for streams cut off at a drain's end to write their logs
@@ -176,7 +179,9 @@ CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")   # ASCII only: int() also takes "+5
 HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs but HTAB (RFC 9110 5.5)
 LINE_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")   # in a request line, HTAB too (RFC 9112 3)
+HEAD_CONTROL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # a whole head's
 SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
+SPEC_FIELD_SET = frozenset(SPEC_FIELDS)
 ROLES = ("run", "read", "admin")   # what a token may do (README, Security); "run" by default
 LEGACY_TOKEN = "legacy"      # the name of the token of REXEC_TOKEN or --token-file (an admin)
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,31}")   # in every log line and metric
@@ -194,6 +199,8 @@ WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
 # descriptor of its own and no syscall per (un)registration, as epoll does.
 # Linux only: macOS's poll(2) does not serve terminals (tty streams).
 USE_POLL = sys.platform.startswith("linux") and hasattr(select, "poll")
+FS_ENCODING = sys.getfilesystemencoding()       # what os.fsencode() encodes str with,
+FS_ERRORS = sys.getfilesystemencodeerrors()     # and how: surrogateescape on POSIX
 
 log = logging.getLogger("rexec")
 
@@ -374,6 +381,7 @@ class BodyWriter:
         self.framed_at = time.monotonic()     # when the last frame was queued
         self._buffer = None                   # see _frame_buffer()
         self._head = self._head_due = None    # the response head while held (start())
+        self._first_held = False              # the first output went into the held head
 
     @property
     def idle(self):
@@ -486,18 +494,28 @@ class BodyWriter:
             if self.gone:
                 return size
             if self.encoder is None:
-                self._queue(self._frame_in_place(view, size))
+                self._queue(self._frame_in_place(view, size), output=True)
                 self.framed_at = time.monotonic()
             else:
-                self._queue_frame(self.encoder.encode(view[HEAD_ROOM:HEAD_ROOM + size]))
+                self._queue_frame(self.encoder.encode(view[HEAD_ROOM:HEAD_ROOM + size]), True)
         self.sent += size
         if log.isEnabledFor(TRACE):
             log_event(TRACE, "chunk", alias=self.label, bytes=size)
         self.flush()
         return size
 
-    def _queue(self, *items):
+    def _queue(self, *items, output=False):
+        """Queue items (bytes, or an int: bytes to splice) after the held head.
+        `output`: they are a frame of the child's output."""
         if self._head is not None:   # the held response head goes first, in one send if small
+            if (output and not self._first_held and len(items) == 1
+                    and not isinstance(items[0], int) and len(items[0]) <= COALESCE_MAX):
+                # The first output waits with the head (FIRST_WAIT at most) for the
+                # end or more: a short command's whole answer is then one send.
+                self._head += items[0]
+                self._head_due = min(self._head_due, time.monotonic() + FIRST_WAIT)
+                self._first_held = True
+                return
             head, self._head = self._head, None
             if items and not isinstance(items[0], int) and len(items[0]) <= COALESCE_MAX:
                 items = (head + items[0],) + items[1:]
@@ -505,11 +523,11 @@ class BodyWriter:
                 items = (head,) + items
         self.pending.extend(item for item in items if item)   # never an empty write
 
-    def _queue_frame(self, data):
+    def _queue_frame(self, data, output=False):
         """Queue `data`, copied into one frame; nothing at all when it is empty
         (an empty chunk would end the body)."""
         if data:
-            self._queue(self.head(len(data)) + data + self.tail)
+            self._queue(self.head(len(data)) + data + self.tail, output=output)
             self.framed_at = time.monotonic()
 
     def _frame_buffer(self):
@@ -532,7 +550,7 @@ class BodyWriter:
             mapped = getattr(_frame_buffers, "view", None)
             if mapped is None:
                 mapped = _frame_buffers.view = memoryview(mmap.mmap(-1, 4096 + COPY_SIZE))
-            offset = 64 * random.randrange(1, 64)   # the mapping is page-aligned
+            offset = 64 * (random.getrandbits(6) or 1)   # the mapping is page-aligned
             self._buffer = mapped[offset:offset + COPY_SIZE]
         return self._buffer
 
@@ -721,9 +739,9 @@ class ProcessSpec:
 
     __slots__ = SPEC_FIELDS
 
-    def __init__(self, **fields):
-        for name in SPEC_FIELDS:
-            setattr(self, name, fields[name])
+    def __init__(self, alias, cmd, args, cwd, envs, timeout, stdin, stderr, tty):
+        self.alias, self.cmd, self.args, self.cwd, self.envs = alias, cmd, args, cwd, envs
+        self.timeout, self.stdin, self.stderr, self.tty = timeout, stdin, stderr, tty
 
 
 def _text(obj, name, default=None, required=False, nonempty=False):
@@ -745,7 +763,7 @@ def _check_os_string(value, what):
     if "\0" in value:
         raise Refused(HTTPStatus.BAD_REQUEST, "%s contains a NUL byte" % what)
     try:
-        os.fsencode(value)
+        value.encode(FS_ENCODING, FS_ERRORS)
     except UnicodeEncodeError:
         raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text" % what)
 
@@ -805,6 +823,8 @@ def json_depth(body):
     json.loads recurses in C for each level; on a 512 KiB thread stack some
     Pythons (3.13) crash before their recursion limit, so depth is measured first.
     """
+    if body.count(b"[") + body.count(b"{") <= MAX_NESTING:   # too few to be too deep
+        return 0
     skeleton = JSON_STRING.sub(b"", body)
     if skeleton.count(b"[") + skeleton.count(b"{") <= MAX_NESTING:
         return 0
@@ -859,8 +879,8 @@ def parse_spec(body):
         raise Refused(bad, "the body is not JSON: %s" % exc)
     if not isinstance(obj, dict):
         raise Refused(bad, "the body must be a JSON object")
-    unknown = sorted(set(obj) - set(SPEC_FIELDS))
-    if unknown:
+    if not SPEC_FIELD_SET.issuperset(obj):
+        unknown = sorted(set(obj) - SPEC_FIELD_SET)
         raise Refused(bad, unknown_names_message("field", unknown, SPEC_FIELDS))
 
     args = obj.get("args", [])
@@ -899,10 +919,8 @@ def parse_spec(body):
     problem = alias_problem(alias)
     if problem:
         raise Refused(bad, "field 'alias' %s" % problem)
-    return ProcessSpec(alias=alias,
-                       cmd=_text(obj, "cmd", required=True, nonempty=True),
-                       args=args, cwd=_text(obj, "cwd", ".", nonempty=True), envs=envs,
-                       timeout=timeout, stdin=stdin, stderr=stderr, tty=tty)
+    return ProcessSpec(alias, _text(obj, "cmd", required=True, nonempty=True), args,
+                       _text(obj, "cwd", ".", nonempty=True), envs, timeout, stdin, stderr, tty)
 
 
 # --------------------------------------------------------------------------
@@ -969,7 +987,8 @@ class Ending:
         self._popen = None
         self._deadline = self._term_at = None
         self._wake_w = None
-        self._done = threading.Event()
+        self._done = threading.Lock()   # held until the child is reaped (cheaper than an Event)
+        self._done.acquire()
         self._lock = threading.Lock()
 
     def prepare(self):
@@ -1050,7 +1069,8 @@ class Ending:
 
     def wait(self):
         """Block until the child is reaped; its exit code (None: it never started)."""
-        self._done.wait()
+        with self._done:   # each waiter passes it on to the next
+            pass
         return self.exit_code
 
     def close(self):
@@ -1074,7 +1094,7 @@ class Ending:
 
     def _release(self):
         self.on_reaped()
-        self._done.set()
+        self._done.release()   # once: abandon() and _reap() each end in REAPED
 
     def _watch_exit(self):
         """Learn of the child's exit without reaping it: a pidfd for the stream's
@@ -1200,15 +1220,17 @@ class PosixSpawn:
 
     def __init__(self):
         import ctypes   # here: neither the client nor a Popen-only system loads it
-        libc = ctypes.CDLL(None)
+        libc = ctypes.CDLL(None)       # its calls let go of the GIL: for the spawn itself
+        quick = ctypes.PyDLL(None)     # its calls keep it: the file actions only fill memory,
+                                       # and each hand-over of the GIL costs a busy server more
         ptr, cstr, c_int = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
 
-        def function(name, *argtypes):
-            func = getattr(libc, name)    # AttributeError: not there, no fast path
+        def function(name, *argtypes, lib=quick):
+            func = getattr(lib, name)     # AttributeError: not there, no fast path
             func.argtypes, func.restype = argtypes, c_int
             return func
-        self._spawn = function("posix_spawn", ptr, cstr, ptr, ptr, ptr, ptr)
-        self._spawnp = function("posix_spawnp", ptr, cstr, ptr, ptr, ptr, ptr)
+        self._spawn = function("posix_spawn", ptr, cstr, ptr, ptr, ptr, ptr, lib=libc)
+        self._spawnp = function("posix_spawnp", ptr, cstr, ptr, ptr, ptr, ptr, lib=libc)
         self._init = function("posix_spawn_file_actions_init", ptr)
         self._destroy = function("posix_spawn_file_actions_destroy", ptr)
         self._dup2 = function("posix_spawn_file_actions_adddup2", ptr, c_int, c_int)
@@ -1218,6 +1240,7 @@ class PosixSpawn:
         self._closefrom = function("posix_spawn_file_actions_addclosefrom_np", ptr, c_int)
         self._environ = ptr.in_dll(libc, "environ")
         self._ctypes = ctypes
+        self._actions = threading.local()   # each thread's posix_spawn_file_actions_t
         # One attribute set for every child: posix_spawn only reads it.
         self._attr = ctypes.create_string_buffer(self.STRUCT_SIZE)
         sigdefault = ctypes.create_string_buffer(self.STRUCT_SIZE)   # a sigset_t
@@ -1256,7 +1279,9 @@ class PosixSpawn:
             if path is None:
                 return None
         ctypes = self._ctypes
-        actions = ctypes.create_string_buffer(self.STRUCT_SIZE)
+        actions = getattr(self._actions, "buffer", None)
+        if actions is None:   # made once per thread; init and destroy make it new each time
+            actions = self._actions.buffer = (ctypes.c_char * self.STRUCT_SIZE)()
         if self._init(actions):
             return None
         mine, theirs = [], []    # pipe ends: this side keeps `mine`, the child gets `theirs`
@@ -1283,17 +1308,17 @@ class PosixSpawn:
                     failed = self._dup2(actions, devnull if fd is None else fd, number)
                 if failed:
                     return None
-            if (cwd != "." and self._chdir(actions, os.fsencode(cwd))
+            if (cwd != "." and self._chdir(actions, fsencode(cwd))
                     or self._closefrom(actions, 3)):
                 return None
-            args = [os.fsencode(arg) for arg in argv] + [None]
+            args = [arg.encode(FS_ENCODING, FS_ERRORS) for arg in argv] + [None]
             if env is None:
                 envp = self._environ.value   # what Popen's execv passes on: os.environ's
             else:
-                envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()] + [None]
+                envp = [fsencode(k) + b"=" + fsencode(v) for k, v in env.items()] + [None]
                 envp = (ctypes.c_char_p * len(envp))(*envp)
             pid = ctypes.c_int()
-            if call(ctypes.byref(pid), os.fsencode(path), actions, self._attr,
+            if call(ctypes.byref(pid), fsencode(path), actions, self._attr,
                     (ctypes.c_char_p * len(args))(*args), envp):
                 return None   # glibc has reaped what it started; Popen says why
             files = [None if fd is None else PipeEnd(fd) for fd in mine]
@@ -1592,6 +1617,7 @@ class Stream:
         except ClientDisconnected:
             self.lose_client()
         due = earliest(due, writer.due())
+        due = earliest(due, flush_held_log(now))   # the start line, once the process ran a while
         if self.stderr is not None and self.stderr.dropped:
             due = earliest(due, self.stderr.step(now))
         if slow:
@@ -2013,9 +2039,12 @@ class Event:
         self.event, self.fields = event, fields
 
     def __str__(self):
-        pairs = ["%s=%s" % (name, value if type(value) is int else printable(value))
-                 for name, value in self.fields.items()]   # an int needs no escaping
-        return " ".join([self.event] + pairs)
+        # printable() of each value, but an int, and a str that it would leave
+        # as it is (most are), skip the call.
+        return " ".join([self.event] + [
+            "%s=%s" % (name, value if type(value) is int or type(value) is str and value
+                       and value.isprintable() and " " not in value else printable(value))
+            for name, value in self.fields.items()])
 
 
 def logged_path(path):
@@ -2037,9 +2066,10 @@ def log_event(level, event, exc_info=False, **fields):
         return
     out = LineFormatter.direct
     if out is None or exc_info:
+        flush_held_log()   # the held lines stay first
         log.log(level, Event(event, fields), exc_info=exc_info)
         return
-    _write_events(out, level, [(event, fields)])
+    _write_events(out, [(None, level, event, fields)])
 
 
 def log_events(level, events):
@@ -2049,17 +2079,56 @@ def log_events(level, events):
         for event, fields in events:
             log_event(level, event, **fields)
     elif log.isEnabledFor(level):
-        _write_events(out, level, events)
+        _write_events(out, [(None, level, event, fields) for event, fields in events])
+    else:
+        flush_held_log()
 
 
-def _write_events(out, level, events):
+_held_log = threading.local()   # this thread's lines held for its next write (log_event_soon)
+
+
+def log_event_soon(level, event, **fields):
+    """log_event(), but the line may wait, at most LOG_HOLD, to go out in one
+    write with this thread's next one: a short command's start, end and access
+    lines cost one write.  It keeps its own time and its place: this thread's
+    later lines are written after it, never before."""
+    if LineFormatter.direct is None or not log.isEnabledFor(level):
+        log_event(level, event, **fields)
+        return
+    held = getattr(_held_log, "lines", None)
+    if held is None:
+        held = _held_log.lines = []
+        _held_log.due = time.monotonic() + LOG_HOLD
+    held.append((time.time(), level, event, fields))
+
+
+def flush_held_log(now=None):
+    """Write this thread's held lines: all of them, or with `now` (a monotonic
+    time) those whose time has come.  When the rest is due (None: never)."""
+    if getattr(_held_log, "lines", None) is None:
+        return None
+    if now is not None and now < _held_log.due:
+        return _held_log.due
+    out = LineFormatter.direct
+    if out is not None:
+        _write_events(out, [])
+    return None
+
+
+def _write_events(out, entries):
+    """Write (time or None for now, level, event, fields) lines in one write,
+    after the thread's held lines."""
+    held = getattr(_held_log, "lines", None)
+    if held is not None:
+        _held_log.lines = None
+        entries = held + entries
     now = time.time()
     if out.as_json:
-        text = "".join(out.line(now, level, Event(event, fields)) + "\n"
-                       for event, fields in events)
-    else:   # what line() makes of each, with the time and level made once for all
-        prefix = out.text_prefix(now, level)
-        text = "".join("%s%s\n" % (prefix, Event(event, fields)) for event, fields in events)
+        text = "".join([out.line(created or now, level, Event(event, fields)) + "\n"
+                        for created, level, event, fields in entries])
+    else:   # what line() makes of each
+        text = "".join(["%s%s\n" % (out.text_prefix(created or now, level), Event(event, fields))
+                        for created, level, event, fields in entries])
     with out.lock:   # one line at a time, however long
         try:
             write_fd(out.fd, text.encode(out.encoding, out.errors))
@@ -2241,25 +2310,24 @@ class Headers:
     that rexec uses, without the email parser behind it (a quarter of a short
     request's parsing).  `defects` lists the lines that are no field."""
 
-    __slots__ = ("_fields", "defects")
+    __slots__ = ("_fields", "_first", "defects")
 
     def __init__(self, head):
         self._fields = []   # (lower-cased name, value)
+        self._first = {}    # lower-cased name -> its first value
         self.defects = []
         for line in head.split(b"\r\n")[:-2]:   # the head ends with an empty line
             name, colon, value = line.partition(b":")
             if not colon or not FIELD_NAME.fullmatch(name):
                 self.defects.append(line)
                 continue
-            self._fields.append((name.decode("ascii").lower(),
-                                 value.strip(b" \t").decode("iso-8859-1")))
+            name = name.decode("ascii").lower()
+            value = value.strip(b" \t").decode("iso-8859-1")
+            self._fields.append((name, value))
+            self._first.setdefault(name, value)
 
     def get(self, name, default=None):
-        name = name.lower()
-        for field, value in self._fields:
-            if field == name:
-                return value
-        return default
+        return self._first.get(name.lower(), default)
 
     def get_all(self, name, default=None):
         name = name.lower()
@@ -2267,7 +2335,7 @@ class Headers:
         return values or default
 
     def __contains__(self, name):
-        return self.get(name) is not None
+        return name.lower() in self._first
 
 
 class RexecHandler(http.server.BaseHTTPRequestHandler):
@@ -2357,6 +2425,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 self._log_access()
             elif self.end_line:   # never lost, even without an answer
                 log_events(logging.INFO, [self.end_line])
+            else:   # a start line held for the end line that never came
+                flush_held_log()
         if self.unread_body:
             self.close_connection = True
         elif self.close_connection and self._bytes_waiting():
@@ -2448,7 +2518,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
-        if version >= (1, 1) and "100-continue" in self._expectations():
+        self.expectations = self._expectations() if "Expect" in self.headers else []
+        if version >= (1, 1) and "100-continue" in self.expectations:
             return self.handle_expect_100()
         return True
 
@@ -2457,6 +2528,9 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         bytes; None once refused: 431 for a head over MAX_HEAD bytes in all or
         MAX_HEADER_LINES lines, 400 for a line that _line_problem refuses or a
         folded one (obs-fold, which RFC 9112 5.2 lets a server refuse)."""
+        head = self._whole_head()
+        if head is not None:
+            return head
         lines = []
         size = len(self.raw_requestline)
         while True:
@@ -2479,6 +2553,22 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                                 "more than %d header lines" % (MAX_HEADER_LINES - 1))
                 return None
+
+    def _whole_head(self):
+        """The header lines in one piece, when the read buffer holds all of them
+        and none is one that _read_header_lines() would refuse line by line
+        (as in nearly every request); else None, and nothing is consumed."""
+        data = self.rfile.peek(1)
+        end = 2 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n") + 4
+        if end < 4 and end != 2 or len(self.raw_requestline) + end > MAX_HEAD:
+            return None
+        head = data[:end]
+        lines = head.count(b"\n")
+        if (lines > MAX_HEADER_LINES or head.count(b"\r") != lines
+                or head.count(b"\r\n") != lines or HEAD_CONTROL_BUT_CRLF.search(head)
+                or b"\n " in head or b"\n\t" in head or head[:1] in (b" ", b"\t")):
+            return None
+        return self.rfile.read(end)
 
     def _expectations(self):
         """The members of the Expect headers, lower-cased."""
@@ -2515,7 +2605,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 # Each further try costs an unauthorized client a new connection.
                 self.close_connection = True
                 raise
-        if any(member != "100-continue" for member in self._expectations()):
+        if any(member != "100-continue" for member in self.expectations):
             raise Refused(HTTPStatus.EXPECTATION_FAILED,
                           "the only expectation understood is 'Expect: 100-continue'")
         if action is None:
@@ -2618,10 +2708,12 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def _allowlists(self):
         """The allowlists that apply to this request: (cmd values, what to call it)."""
-        credential = self.credential
-        return [(names, what) for names, what in (
-            (self.server.allow, "--allow"),
-            (credential.allow, "allow= of token %r" % credential.name)) if names is not None]
+        credential, lists = self.credential, []
+        if self.server.allow is not None:
+            lists.append((self.server.allow, "--allow"))
+        if credential.allow is not None:
+            lists.append((credential.allow, "allow= of token %r" % credential.name))
+        return lists
 
     def _body_length(self):
         if "Transfer-Encoding" in self.headers:
@@ -2665,17 +2757,21 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 raise Refused(HTTPStatus.FORBIDDEN, "with %s, cmd %r cannot come with its "
                               "own PATH (envs) or cwd; allow an absolute path"
                               % (what, spec.cmd))
-        log_event(logging.DEBUG, "request", alias=spec.alias, cmd=spec.cmd, args=spec.args,
-                  cwd=spec.cwd, env_names=sorted(spec.envs), timeout=spec.timeout,
-                  stdin_bytes=None if spec.stdin is None else len(spec.stdin),
-                  stderr=spec.stderr, tty=spec.tty)
+        if log.isEnabledFor(logging.DEBUG):   # its fields cost a short command to build
+            log_event(logging.DEBUG, "request", alias=spec.alias, cmd=spec.cmd, args=spec.args,
+                      cwd=spec.cwd, env_names=sorted(spec.envs), timeout=spec.timeout,
+                      stdin_bytes=None if spec.stdin is None else len(spec.stdin),
+                      stderr=spec.stderr, tty=spec.tty)
         proc = Process(spec, server.grace, server.registry.release, self.credential.name)
         # Counted from before the claim: a shutdown that comes while Popen runs
         # must wait for this stream, or the child it is starting is orphaned.
-        with server.stream_tracker(self.connection):
+        server.stream_begins(self.connection)
+        try:
             server.registry.claim(proc)
             self._spawn(proc)
             self._stream(proc)
+        finally:
+            server.stream_ends(self.connection)
 
     def _spawn(self, proc):
         """Start the claimed proc, or free its alias and refuse with 404."""
@@ -2691,8 +2787,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                       error=exc.strerror or str(exc))
             raise Refused(HTTPStatus.NOT_FOUND, "cannot start %r: %s" % (spec.cmd, os_reason(exc)))
         server.metrics.count_start(proc.owner)
-        log_event(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd,
-                  token=proc.owner or "-")
+        log_event_soon(logging.INFO, "start", alias=spec.alias, pid=proc.pid, cmd=spec.cmd,
+                       token=proc.owner or "-")
 
     def _stream(self, proc):
         """Stream proc's output as the Accept header asks (chosen_answer()): the
@@ -2975,7 +3071,10 @@ class RexecServer(_ThreadingHTTPServer):
         self.metrics = Metrics()
         self._streams = set()          # the connections of the streams in progress
         self.threads = WarmThreads(self.process_request_thread)
-        self._streams_done = threading.Condition()
+        self._streams_lock = threading.Lock()   # a plain lock: taken twice a stream
+        self._streams_done = threading.Condition(self._streams_lock)
+        self._cutting = False          # drain() waits for the last streams to end
+        self._accepted = None          # (family, type, proto) of accepted sockets
         if ":" in options.ip:
             self.address_family = socket.AF_INET6
         if inherited_fd is None:
@@ -3011,23 +3110,29 @@ class RexecServer(_ThreadingHTTPServer):
         While the process is out of descriptors, accepting pauses (ACCEPT_PAUSE)
         instead of spinning on a listener that stays readable."""
         self.socket.setblocking(False)   # a connection reset before accept() is no hang
-        with selectors.DefaultSelector() as sel:
-            sel.register(stop_fd, selectors.EVENT_READ)
-            sel.register(self.socket, selectors.EVENT_READ)
+        listener = self.socket.fileno()
+        poller = Poller()
+        try:
+            poller.want(stop_fd, selectors.EVENT_READ, None)
+            poller.want(listener, selectors.EVENT_READ, self.socket)
             pause = None
             starved = False   # said once per spell without descriptors
             while True:
-                ready = [key.fileobj for key, _ in sel.select(pause)]
-                if stop_fd in ready:
+                ready = [callback for callback, _ in poller.wait(pause)]
+                if None in ready:   # the signal pipe
                     if self.take_signals(stop_fd):
                         return
                     continue
                 if pause is not None:   # the pause is over: listen again
-                    sel.register(self.socket, selectors.EVENT_READ)
+                    poller.want(listener, selectors.EVENT_READ, self.socket)
                     pause = None
                     continue
                 try:
-                    request, client_address = self.socket.accept()
+                    # A burst of connects is taken without a poll between them.
+                    for _ in range(ACCEPT_BURST):
+                        request, client_address = self._accept()
+                        starved = False
+                        self._process(request, client_address)
                 except WOULD_BLOCK + (ConnectionAbortedError,):
                     continue
                 except OSError as exc:
@@ -3037,13 +3142,23 @@ class RexecServer(_ThreadingHTTPServer):
                         log_event(logging.WARNING, "accept-paused", error=exc.strerror,
                                   pause=Duration(ACCEPT_PAUSE))
                     starved = True
-                    sel.unregister(self.socket)
+                    poller.want(listener, 0, None)
                     pause = ACCEPT_PAUSE
-                    continue
-                starved = False
-                if not isinstance(client_address, tuple):   # a Unix socket's peer: "" or b""
-                    client_address = (UNIX_PEER, 0)
-                self._process(request, client_address)
+        finally:
+            poller.close()
+
+    def _accept(self):
+        """socket.accept(), without looking up the listener's family and type
+        (enum conversions) for each connection; a Unix socket's peer ("" or b"")
+        as (UNIX_PEER, 0)."""
+        fd, client_address = self.socket._accept()
+        if self._accepted is None:
+            listener = self.socket
+            self._accepted = (listener.family, listener.type, listener.proto)
+        request = socket.socket(*self._accepted, fileno=fd)
+        if not isinstance(client_address, tuple):
+            client_address = (UNIX_PEER, 0)
+        return request, client_address
 
     def process_request(self, request, client_address):
         """On a thread of its own, warm if one is idle (ThreadingMixIn starts one each time)."""
@@ -3068,16 +3183,16 @@ class RexecServer(_ThreadingHTTPServer):
         else:
             log_event(logging.ERROR, "connection-error", exc_info=True, peer=client_address[0])
 
-    @contextlib.contextmanager
-    def stream_tracker(self, connection):
-        """Counts the streams in progress, for a stop to wait on (and cut off)."""
-        with self._streams_done:
+    def stream_begins(self, connection):
+        """Count a stream in progress, for a stop to wait on (and cut off); each
+        is followed by stream_ends(), whatever happens in between."""
+        with self._streams_lock:
             self._streams.add(connection)
-        try:
-            yield
-        finally:
-            with self._streams_done:
-                self._streams.discard(connection)
+
+    def stream_ends(self, connection):
+        with self._streams_lock:
+            self._streams.discard(connection)
+            if self._cutting:   # only drain() waits on the condition
                 self._streams_done.notify_all()
 
     def drain(self, signal_fd):
@@ -3101,6 +3216,7 @@ class RexecServer(_ThreadingHTTPServer):
                         proc.ending.ask("shutdown", hurry=True)
                 hurried = True
         with self._streams_done:
+            self._cutting = True
             for connection in self._streams:
                 with contextlib.suppress(OSError):
                     # the plain socket's shutdown: an SSLSocket's own would drop its TLS state
@@ -3666,6 +3782,11 @@ class Interrupted(BaseException):
 
 def raise_interrupted(signum, frame):
     raise Interrupted(signum)
+
+
+def fsencode(text):
+    """os.fsencode() of a str, without its checks for bytes and path objects."""
+    return text.encode(FS_ENCODING, FS_ERRORS)
 
 
 def write_fd(fd, data):
