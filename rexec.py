@@ -400,9 +400,16 @@ class BodyWriter:
     def output_ready(self):
         """Pass on what the child wrote.  After a large chunk the client took at
         once, the next one goes straight out too (up to OUTPUT_BURST), without a
-        trip through the selector: a fast child costs fewer calls per byte."""
+        trip through the selector: a fast child costs fewer calls per byte.
+        While the first output is held with the head, the pipe is read again
+        at once: a short command's end then costs no poll of its own."""
         for _ in range(OUTPUT_BURST):
-            if self._take_chunk() < SPLICE_MIN or not self.wants_output:
+            size = self._take_chunk()
+            if size and self._head is not None and self.wants_output:
+                # The first output is held: read on at once, so that the end of
+                # a child that wrote and exited is seen without another poll.
+                continue
+            if size < SPLICE_MIN or not self.wants_output:
                 return
 
     def flush(self):
@@ -442,27 +449,26 @@ class BodyWriter:
             if not wait_ready(self.sock, selectors.EVENT_WRITE, WRITE_TIMEOUT):
                 raise ClientDisconnected("the client stopped reading")
 
-    def due(self):
-        """When the writer next sends something of its own (tick()), or None."""
-        if self.gone:
-            return None
-        due = self._head_due if self._head is not None else None
-        if self.encoder is not None and self.encoder.keepalive is not None:
-            due = earliest(due, self.framed_at + EVENT_KEEPALIVE)
-        return due
-
     def tick(self, now):
         """Send what time calls for: the response head once it waited HEAD_WAIT
         for output, and the encoder's keep-alive once the stream has been
         silent for EVENT_KEEPALIVE (a proxy in between must not take it for a
-        dead one)."""
-        if self._head is not None and now >= self._head_due:
-            self._queue()
-            self.flush()
-        if self.encoder is not None and self.encoder.keepalive is not None and (
-                now >= self.framed_at + EVENT_KEEPALIVE and self.idle and not self.gone):
-            self._queue_frame(self.encoder.keepalive)
-            self.flush()
+        dead one).  Returns when the writer next sends something of its own
+        (a monotonic time), or None."""
+        due = None
+        if self._head is not None:
+            if now >= self._head_due:
+                self._queue()
+                self.flush()
+            else:
+                due = self._head_due
+        encoder = self.encoder
+        if encoder is not None and encoder.keepalive is not None and not self.gone:
+            if now >= self.framed_at + EVENT_KEEPALIVE and not self.pending:
+                self._queue_frame(encoder.keepalive)
+                self.flush()
+            due = earliest(due, self.framed_at + EVENT_KEEPALIVE)
+        return due
 
     def lose(self):
         """The client is gone: drop what is pending, and from now on the output."""
@@ -712,7 +718,9 @@ def chosen_answer(accept):
     """The answer an Accept header prefers among ANSWERS (the highest q, the
     first of equals); "raw" when it names none of them."""
     best, best_q = "raw", 0.0
-    for item in (accept or "").split(","):
+    if not accept:
+        return best
+    for item in accept.split(","):
         media, _, params = item.partition(";")
         answer = ANSWERS.get(media.strip().lower())
         if answer is None:
@@ -1573,6 +1581,7 @@ class Stream:
         self.stderr = (StderrLines(proc.popen.stderr.fileno(), proc.alias)
                        if proc.popen.stderr else None)
         self.sock_fd = sock.fileno()
+        self._wanted = None          # what _update() last asked the poller for
 
     def run(self):
         """Stream until the child is gone and reaped; returns its exit code."""
@@ -1612,11 +1621,10 @@ class Stream:
         if slow and now >= writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()   # ... and stopped reading
         due = ending.step(now, self._output_done)
-        try:
-            writer.tick(now)   # the held head, an event stream's keep-alive comments
+        try:   # the held head, an event stream's keep-alive comments
+            due = earliest(due, writer.tick(now))
         except ClientDisconnected:
             self.lose_client()
-        due = earliest(due, writer.due())
         due = earliest(due, flush_held_log(now))   # the start line, once the process ran a while
         if self.stderr is not None and self.stderr.dropped:
             due = earliest(due, self.stderr.step(now))
@@ -1648,6 +1656,11 @@ class Stream:
 
     def _update(self, poller):
         ending, writer, want = self.ending, self.writer, poller.want
+        wanted = (ending.exited, writer.wants_output, writer.gone, writer.idle,
+                  self.stderr is not None and self.stderr.open, self.stdin_fd, bool(self.stdin))
+        if wanted == self._wanted:   # nothing to change
+            return
+        self._wanted = wanted
         want(ending.wake_fd, selectors.EVENT_READ, ending.on_wake)
         if ending.exit_fd is not None:
             want(ending.exit_fd, 0 if ending.exited else selectors.EVENT_READ,
@@ -2039,12 +2052,16 @@ class Event:
         self.event, self.fields = event, fields
 
     def __str__(self):
-        # printable() of each value, but an int, and a str that it would leave
-        # as it is (most are), skip the call.
-        return " ".join([self.event] + [
-            "%s=%s" % (name, value if type(value) is int or type(value) is str and value
-                       and value.isprintable() and " " not in value else printable(value))
-            for name, value in self.fields.items()])
+        return event_text(self.event, self.fields)
+
+
+def event_text(event, fields):
+    """'event k=v ...', each value as printable() writes it."""
+    # An int, and a str that printable() would leave as it is (most are), skip the call.
+    return " ".join([event] + [
+        "%s=%s" % (name, value if type(value) is int or type(value) is str and value
+                   and value.isprintable() and " " not in value else printable(value))
+        for name, value in fields.items()])
 
 
 def logged_path(path):
@@ -2126,8 +2143,10 @@ def _write_events(out, entries):
     if out.as_json:
         text = "".join([out.line(created or now, level, Event(event, fields)) + "\n"
                         for created, level, event, fields in entries])
-    else:   # what line() makes of each
-        text = "".join(["%s%s\n" % (out.text_prefix(created or now, level), Event(event, fields))
+    else:   # what line() makes of each, with the prefix of those made now made once
+        prefix = out.text_prefix(now, entries[-1][1]) if entries else ""
+        text = "".join(["%s%s\n" % (out.text_prefix(created, level) if created else prefix,
+                                     event_text(event, fields))
                         for created, level, event, fields in entries])
     with out.lock:   # one line at a time, however long
         try:
@@ -2357,8 +2376,10 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         # reader and writer wait themselves, and only when they must.
         self.connection = self.request
         self.connection.setblocking(False)
-        with contextlib.suppress(OSError):
+        try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:   # a Unix socket
+            pass
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
         self.wfile = SocketWriter(self.connection, self.timeout)
