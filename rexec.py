@@ -355,6 +355,16 @@ class BodyWriter:
     headers = ()            # what the response head says of the framing
     keeps_connection = True  # False: the body ends when the connection closes
     tail = b""              # what follows each frame's data
+    # Each writer's own once it changes:
+    output_open = True      # False once the output reached its end
+    large = False           # a chunk of SPLICE_MIN or more came (_take_chunk)
+    gone = False            # the client left: output is dropped
+    sent = 0                # output bytes framed for the client
+    progress_at = None      # when the client last took bytes (monotonic)
+    framed_at = None        # when the last frame was queued (monotonic)
+    _buffer = None          # see _frame_buffer()
+    _head = _head_due = None   # the response head while held (start())
+    _first_held = False     # the first output went into the held head
 
     def head(self, size):
         """What comes before a frame of `size` (> 0) bytes."""
@@ -373,15 +383,7 @@ class BodyWriter:
         self.can_splice = CAN_SPLICE and not tls and not tty and encoder is None
         self.grow_pipe = bool(F_SETPIPE_SZ) and not tty   # see _grow_pipe()
         self.pending = collections.deque()   # bytes, or an int: bytes to splice
-        self.output_open = True               # False once the output reached its end
-        self.large = False                    # a chunk of SPLICE_MIN or more came (_take_chunk)
-        self.gone = False                     # the client left: output is dropped
-        self.sent = 0                         # output bytes framed for the client
-        self.progress_at = time.monotonic()   # when the client last took bytes
-        self.framed_at = time.monotonic()     # when the last frame was queued
-        self._buffer = None                   # see _frame_buffer()
-        self._head = self._head_due = None    # the response head while held (start())
-        self._first_held = False              # the first output went into the held head
+        self.progress_at = self.framed_at = time.monotonic()
 
     @property
     def idle(self):
@@ -982,19 +984,21 @@ class Ending:
 
     RUNNING, TERMINATING, KILLED, REAPED = "running", "terminating", "killed", "reaped"
 
+    # Each ending's own once it changes (a short command's costs fewer assignments):
+    state = RUNNING
+    reason = None            # one of REASONS
+    exit_code = None         # the child's status: -N for signal N
+    exited = False           # the child has exited (a zombie until reaped)
+    wake_fd = None           # readable when ask() wants the stream to look
+    exit_fd = None           # a pidfd, readable once the child exits
+    _popen = None
+    _deadline = _term_at = None
+    _wake_w = None
+
     def __init__(self, grace, timeout, on_reaped):
         self.grace = grace
         self.timeout = timeout        # seconds from the start, or None
         self.on_reaped = on_reaped    # frees the alias
-        self.state = self.RUNNING
-        self.reason = None            # one of REASONS
-        self.exit_code = None         # the child's status: -N for signal N
-        self.exited = False           # the child has exited (a zombie until reaped)
-        self.wake_fd = None           # readable when ask() wants the stream to look
-        self.exit_fd = None           # a pidfd, readable once the child exits
-        self._popen = None
-        self._deadline = self._term_at = None
-        self._wake_w = None
         self._done = threading.Lock()   # held until the child is reaped (cheaper than an Event)
         self._done.acquire()
         self._lock = threading.Lock()
@@ -1101,7 +1105,10 @@ class Ending:
             self._release()
 
     def _release(self):
-        self.on_reaped()
+        # Dropped once called: it refers back to the Process, and a cycle would
+        # leave each process to the cyclic garbage collector.
+        on_reaped, self.on_reaped = self.on_reaped, None
+        on_reaped()
         self._done.release()   # once: abandon() and _reap() each end in REAPED
 
     def _watch_exit(self):
