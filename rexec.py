@@ -2871,6 +2871,10 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                     stream.proc.alias, ending.exit_code, ending.reason))
             else:
                 writer.finish(ending.exit_code, ending.reason)
+                if self.close_connection and self.server.ssl_context is None:
+                    # The client sees the end now, not after the logging and the
+                    # clean-up (TLS sends its close_notify first, in finish()).
+                    self.connection.shutdown(socket.SHUT_WR)
         except (ClientDisconnected, OSError):
             self.close_connection = True
 
