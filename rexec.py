@@ -109,7 +109,7 @@ OUTPUT_BURST = 16            # large chunks passed on in a row before the select
 HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for its head
 HEAD_WAIT = 0.005            # seconds a response head waits for output to go out with it
 COALESCE_MAX = 64 * 1024     # a first frame up to this size is copied to go out with the head
-FIRST_WAIT = 0.001           # seconds the first output (and the head) waits for more, or the end
+FIRST_WAIT = 0.0005          # seconds the first output (and the head) waits for more, or the end
 LOG_HOLD = HEAD_WAIT         # seconds a start line may wait to go out with the end line
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
@@ -1139,6 +1139,7 @@ class Ending:
 
 # False: every child starts with subprocess.Popen, as on the systems the fast path skips.
 FAST_SPAWN = True
+MAX_KEPT_ARRAY_TYPES = 64    # argv and environment lengths whose ctypes array type is kept
 
 
 class PipeEnd:
@@ -1256,6 +1257,7 @@ class PosixSpawn:
         self._environ = ptr.in_dll(libc, "environ")
         self._ctypes = ctypes
         self._actions = threading.local()   # each thread's posix_spawn_file_actions_t
+        self._array_types = {}              # see _strings()
         # One attribute set for every child: posix_spawn only reads it.
         self._attr = ctypes.create_string_buffer(self.STRUCT_SIZE)
         sigdefault = ctypes.create_string_buffer(self.STRUCT_SIZE)   # a sigset_t
@@ -1326,15 +1328,14 @@ class PosixSpawn:
             if (cwd != "." and self._chdir(actions, fsencode(cwd))
                     or self._closefrom(actions, 3)):
                 return None
-            args = [arg.encode(FS_ENCODING, FS_ERRORS) for arg in argv] + [None]
+            args = self._strings([arg.encode(FS_ENCODING, FS_ERRORS) for arg in argv])
             if env is None:
                 envp = self._environ.value   # what Popen's execv passes on: os.environ's
             else:
-                envp = [fsencode(k) + b"=" + fsencode(v) for k, v in env.items()] + [None]
-                envp = (ctypes.c_char_p * len(envp))(*envp)
+                envp = self._strings([fsencode(k) + b"=" + fsencode(v) for k, v in env.items()])
             pid = ctypes.c_int()
             if call(ctypes.byref(pid), fsencode(path), actions, self._attr,
-                    (ctypes.c_char_p * len(args))(*args), envp):
+                    args, envp):
                 return None   # glibc has reaped what it started; Popen says why
             files = [None if fd is None else PipeEnd(fd) for fd in mine]
             mine = []
@@ -1344,6 +1345,18 @@ class PosixSpawn:
             for fd in theirs + mine:
                 if fd is not None:
                     os.close(fd)
+
+    def _strings(self, items):
+        """A C array of the bytes `items` and a NULL.  Its type, one for each
+        length, is kept here: ctypes keeps array types only weakly, and one
+        made for each child would be cyclic garbage (a type refers to itself)."""
+        length = len(items) + 1
+        array = self._array_types.get(length)
+        if array is None:
+            array = self._ctypes.c_char_p * length
+            if len(self._array_types) < MAX_KEPT_ARRAY_TYPES:
+                self._array_types[length] = array
+        return array(*items, None)
 
     @staticmethod
     def _find(cmd, cwd, env):

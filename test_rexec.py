@@ -1254,6 +1254,21 @@ class AnswerTests(ServerTestCase):
 class LifetimeTests(ServerTestCase):
     server_args = ("--grace", "0.5")
 
+    def test_a_finished_request_leaves_no_cyclic_garbage(self):
+        # Each process's objects go as soon as its request is done, by reference
+        # counting: none waits for the cyclic collector (here switched off, and
+        # run after each request to count what the one before left behind).
+        server = Server(prelude="import gc; gc.disable(); _log = rexec.RexecHandler._log_access; "
+                                "rexec.RexecHandler._log_access = lambda self: "
+                                "(_log(self), rexec.log.warning('gc-found %d', gc.collect()))[0]")
+        self.addCleanup(server.stop)
+        for number in range(6):
+            self.assertEqual(run(server, {"alias": "g%d" % number, "cmd": "echo",
+                                          "args": ["hi"]}).body, b"hi\n")
+        self.assertTrue(wait_for(lambda: server.log().count("gc-found") == 6), server.log())
+        found = [int(n) for n in re.findall(r"gc-found (\d+)", server.log())]
+        self.assertEqual(found[2:], [0] * 4, found)   # the first: what start-up left
+
     def test_silent_child_dies_when_the_client_leaves(self):
         conn = self.start_stream({"alias": "s", "cmd": "sleep", "args": ["300"]})
         pid = self.running_pid("s")
@@ -3861,6 +3876,30 @@ class LoggingTests(ServerTestCase):
         self.server.wait_log(r"DEBUG request alias=lg .*env_names=\['SECRET_KEY'\]")
         self.server.wait_log(r"TRACE chunk alias=lg bytes=3")
         self.assertNotIn("QWE_YUI_345_GHJ_789", self.server.log())
+
+    def test_a_held_start_line_keeps_its_place_and_its_own_time(self):
+        # A short command's start line goes out with its end and access lines,
+        # in one write: still first, before the child's stderr, with its own time.
+        response = run(self.server, {"alias": "held", "cmd": "sh",
+                                     "args": ["-c", "echo oops >&2; echo out"]})
+        self.assertEqual(response.body, b"out\n")
+        self.server.wait_log(r"INFO access .*alias=held")
+        lines = [line for line in self.server.log().splitlines()
+                 if " INFO " in line and "alias=held" in line]
+        self.assertEqual([line.split()[3] for line in lines],
+                         ["start", "stderr", "end", "access"])
+        stamps = [line[:23] for line in lines]
+        self.assertEqual(stamps, sorted(stamps))
+
+    def test_a_running_processes_start_line_does_not_wait_for_its_end(self):
+        server = Server()   # at the default level: no chunk line writes it sooner
+        self.addCleanup(server.stop)
+        conn = self.start_stream({"alias": "runs", "cmd": "sh",
+                                  "args": ["-c", "echo up; exec sleep 60"]}, server)
+        self.first_chunk(conn, b"up\n")
+        server.wait_log(r"INFO start alias=runs pid=\d+ cmd=sh")
+        self.assertEqual([p["alias"] for p in self.ps(server)], ["runs"])   # it still runs
+        self.assertNotIn("INFO end alias=runs", server.log())
 
     def test_a_client_that_hangs_up_before_its_answer_is_no_error(self):
         # Health probes and port checks often close at once: that is not a bug
