@@ -109,7 +109,7 @@ OUTPUT_BURST = 16            # large chunks passed on in a row before the select
 HEAD_ROOM = 16               # bytes kept free before a chunk read in place, for its head
 HEAD_WAIT = 0.005            # seconds a response head waits for output to go out with it
 COALESCE_MAX = 64 * 1024     # a first frame up to this size is copied to go out with the head
-FIRST_WAIT = 0.0005          # seconds the first output (and the head) waits for more, or the end
+FIRST_WAIT = 0.001           # seconds a first output waits for the exit, once the output ended
 LOG_HOLD = HEAD_WAIT         # seconds a start line may wait to go out with the end line
 PIPE_SIZE = 1 << 20          # asked of F_SETPIPE_SZ: fewer, larger chunks for fast children
 REQUEST_TIMEOUT = 30.0       # seconds for a request (head and body) to arrive, keep-alive idle too
@@ -403,8 +403,10 @@ class BodyWriter:
         """Pass on what the child wrote.  After a large chunk the client took at
         once, the next one goes straight out too (up to OUTPUT_BURST), without a
         trip through the selector: a fast child costs fewer calls per byte.
-        While the first output is held with the head, the pipe is read again
-        at once: a short command's end then costs no poll of its own."""
+        The first output is read on at once: when the pipe is then at its end
+        (a short command that wrote and exited), the output stays held with the
+        head for the exit, FIRST_WAIT at most, to go out in one send with the
+        end of the body; else it goes out at once."""
         for _ in range(OUTPUT_BURST):
             size = self._take_chunk()
             if size and self._head is not None and self.wants_output:
@@ -412,7 +414,10 @@ class BodyWriter:
                 # a child that wrote and exited is seen without another poll.
                 continue
             if size < SPLICE_MIN or not self.wants_output:
-                return
+                break
+        if self._first_held and self._head is not None and self.output_open:
+            self._queue()   # the child writes on: its first output goes out now
+            self.flush()
 
     def flush(self):
         """Send what the socket takes without blocking; True once nothing is pending."""
@@ -518,8 +523,8 @@ class BodyWriter:
         if self._head is not None:   # the held response head goes first, in one send if small
             if (output and not self._first_held and len(items) == 1
                     and not isinstance(items[0], int) and len(items[0]) <= COALESCE_MAX):
-                # The first output waits with the head (FIRST_WAIT at most) for the
-                # end or more: a short command's whole answer is then one send.
+                # The first output waits with the head; output_ready() decides
+                # for how long (see there).
                 self._head += items[0]
                 self._head_due = min(self._head_due, time.monotonic() + FIRST_WAIT)
                 self._first_held = True
