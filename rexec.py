@@ -38,7 +38,8 @@ The sections of this file, in order:
     Registry, metrics   the alias registry; counters for GET /metrics
     Access              who may do what: named tokens (Credential), their roles, the
                         tokens file; Access, the whole of it, swapped whole on SIGHUP
-    Logging             one line per event, as text or JSON
+    Logging             one line per event, as text or JSON, in one write straight to
+                        the log; a start line may wait for its end's (log_event_soon)
     HTTP handler        RexecHandler: the API on one connection, its socket
                         non-blocking throughout (DeadlineReader, SocketWriter)
     Server              RexecServer: the accept loop, a thread per connection
