@@ -5134,16 +5134,23 @@ class Bench:
         out = subprocess.run(["echo", "hi"], stdout=subprocess.PIPE).stdout
         assert out == b"hi\n", out
 
+    @staticmethod
     @contextlib.contextmanager
+    def reference(code, *args, stderr=None):
+        """A running reference server (`code`, which prints its port): its
+        process and its port."""
+        server = subprocess.Popen([sys.executable, "-c", code] + list(args),
+                                  stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            yield types.SimpleNamespace(proc=server, port=int(server.stdout.readline()))
+        finally:
+            server.kill()
+            server.wait()
+            server.stdout.close()
+
     def floor(self):
         """A running FLOOR server: its process and its port."""
-        floor = subprocess.Popen([sys.executable, "-c", FLOOR], stdout=subprocess.PIPE)
-        try:
-            yield types.SimpleNamespace(proc=floor, port=int(floor.stdout.readline()))
-        finally:
-            floor.kill()
-            floor.wait()
-            floor.stdout.close()
+        return self.reference(FLOOR)
 
     @contextlib.contextmanager
     def lean(self):
@@ -5153,14 +5160,8 @@ class Bench:
             yield None
             return
         with open(os.path.join(self.tmp, "lean.log"), "wb") as log:
-            lean = subprocess.Popen([sys.executable, "-c", LEAN, HERE], stdout=subprocess.PIPE,
-                                    stderr=log)
-        try:
-            yield types.SimpleNamespace(proc=lean, port=int(lean.stdout.readline()))
-        finally:
-            lean.kill()
-            lean.wait()
-            lean.stdout.close()
+            with self.reference(LEAN, HERE, stderr=log) as lean:
+                yield lean
 
     @staticmethod
     def echo_webhook(port):
