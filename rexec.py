@@ -2083,10 +2083,12 @@ class Event:
 
 def event_text(event, fields):
     """'event k=v ...', each value as printable() writes it."""
-    # An int, and a str that printable() would leave as it is (most are), skip the call.
+    # An int, a Duration, and a str that printable() would leave as it is (most
+    # are) skip the call.
     return " ".join([event] + [
         "%s=%s" % (name, value if type(value) is int or type(value) is str and value
-                   and value.isprintable() and " " not in value else printable(value))
+                   and value.isprintable() and " " not in value else
+                   "%.3fs" % value if type(value) is Duration else printable(value))
         for name, value in fields.items()])
 
 
