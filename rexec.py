@@ -2117,18 +2117,6 @@ def log_event(level, event, exc_info=False, **fields):
     _write_events(out, [(None, level, event, fields)])
 
 
-def log_events(level, events):
-    """Log_event() for each (event, fields) of `events`, in one write."""
-    out = LineFormatter.direct
-    if out is None:
-        for event, fields in events:
-            log_event(level, event, **fields)
-    elif log.isEnabledFor(level):
-        _write_events(out, [(None, level, event, fields) for event, fields in events])
-    else:
-        flush_held_log()
-
-
 _held_log = threading.local()   # this thread's lines held for its next write (log_event_soon)
 
 
@@ -2453,7 +2441,6 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         self.sent = 0
         self.alias = None
         self.credential = None   # who the request is from, once _authorize() knows
-        self.end_line = None     # a stream's end line, for _log_access() to write
         self.begun = time.monotonic()
         self.command = self.requestline = ""
         self.request_version = self.default_request_version
@@ -2471,10 +2458,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             if self.status is not None:
-                self._log_access()
-            elif self.end_line:   # never lost, even without an answer
-                log_events(logging.INFO, [self.end_line])
-            else:   # a start line held for the end line that never came
+                self._log_access()   # with the held start and end lines, in one write
+            else:   # the held lines are never lost, even without an answer
                 flush_held_log()
         if self.unread_body:
             self.close_connection = True
@@ -2857,10 +2842,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             ending = proc.ending
             self.sent = writer.sent
             self.server.metrics.count_exit(ending.reason, writer.sent)
-            self.end_line = ("end", dict(  # written with the access line, in one write
-                alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd, exit=ending.exit_code,
-                reason=ending.reason, duration=Duration.since(proc.started_mono),
-                bytes=writer.sent, token=proc.owner or "-"))
+            log_event_soon(  # written with the access line, in one write
+                logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
+                exit=ending.exit_code, reason=ending.reason,
+                duration=Duration.since(proc.started_mono), bytes=writer.sent,
+                token=proc.owner or "-")
 
     def _pump(self, stream):
         """Send the head (with the first output, see BodyWriter.start), run the
@@ -3003,13 +2989,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     def _log_access(self):
         status = int(self.status)
         self.server.metrics.count_request(status)
-        access = ("access", dict(
-            peer=self.client_address[0], method=self.command or "-",
-            path=logged_path(self.path) if self.command else "-", status=status,
-            bytes=self.sent, duration=Duration.since(self.begun), alias=self.alias or "-",
-            token=self.credential and self.credential.name or "-"))
-        lines, self.end_line = [self.end_line, access] if self.end_line else [access], None
-        log_events(logging.INFO, lines)
+        log_event(logging.INFO, "access", peer=self.client_address[0],
+                  method=self.command or "-",
+                  path=logged_path(self.path) if self.command else "-", status=status,
+                  bytes=self.sent, duration=Duration.since(self.begun),
+                  alias=self.alias or "-", token=self.credential and self.credential.name or "-")
 
 
 def resolve_allowed(cmd):
