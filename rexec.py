@@ -1715,6 +1715,10 @@ class Stream:
             self.writer.output_ready()
         except ClientDisconnected:
             self.lose_client()
+        if not self.writer.output_open and self.stderr is not None and self.stderr.open:
+            # The output's end is most often the child's exit: its stderr is at
+            # its end too, and read now it costs the stream no poll of its own.
+            self.stderr.ready()
 
     def _on_socket(self, mask):
         if mask & selectors.EVENT_WRITE:
@@ -2381,6 +2385,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"   # refusals of unparsable lines get a status line
     timeout = REQUEST_TIMEOUT       # socket timeout; DeadlineReader bounds a whole request
     unread_body = False             # a refusal left body bytes unread: linger, then close
+    fin_sent = False                # the connection's FIN went out with a stream's end
     _stream_heads = {}              # a stream's response head but its first lines, by kind
 
     def setup(self):
@@ -2409,7 +2414,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             if self.unread_body:
                 self._discard_unread_body()
         finally:
-            if tls:
+            if tls or self.fin_sent:   # closed here: shutdown_request() has nothing to do
                 self.connection.close()
 
     def _send_close_notify(self):
@@ -2780,7 +2785,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         spec = parse_spec(self._read_body())
         self.alias = spec.alias
-        for names, what in self._allowlists():   # --allow, then the token's own allow=
+        allowlists = self._allowlists()
+        for names, what in allowlists:   # --allow, then the token's own allow=
             if spec.cmd not in names:
                 raise Refused(HTTPStatus.FORBIDDEN, "command %r is not allowed here (%s)"
                               % (spec.cmd, what))
@@ -2802,16 +2808,17 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         server.stream_begins(self.connection)
         try:
             server.registry.claim(proc)
-            self._spawn(proc)
+            self._spawn(proc, allowlisted=bool(allowlists))
             self._stream(proc)
         finally:
             server.stream_ends(self.connection)
 
-    def _spawn(self, proc):
-        """Start the claimed proc, or free its alias and refuse with 404."""
+    def _spawn(self, proc, allowlisted):
+        """Start the claimed proc, or free its alias and refuse with 404.
+        `allowlisted`: its cmd passed an allowlist, and runs as resolve_allowed() finds it."""
         server, spec = self.server, proc.spec
         try:
-            proc.start(resolve_allowed(spec.cmd) if self._allowlists() else None)
+            proc.start(resolve_allowed(spec.cmd) if allowlisted else None)
         except BaseException as exc:
             proc.ending.abandon()   # a DELETE that came between claim and start waits on it
             if not isinstance(exc, OSError):
@@ -2882,6 +2889,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                     # The client sees the end now, not after the logging and the
                     # clean-up (TLS sends its close_notify first, in finish()).
                     self.connection.shutdown(socket.SHUT_WR)
+                    self.fin_sent = True
         except (ClientDisconnected, OSError):
             self.close_connection = True
 
@@ -3211,6 +3219,12 @@ class RexecServer(_ThreadingHTTPServer):
         except Exception:
             self.handle_error(request, client_address)
             self.shutdown_request(request)
+
+    def shutdown_request(self, request):
+        """socketserver's half-close and close, for a connection its handler did
+        not close itself (after its stream's FIN, or over TLS)."""
+        if request.fileno() != -1:
+            super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
