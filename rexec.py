@@ -2713,7 +2713,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             if not (server.no_auth or is_loopback(peer)):
                 raise Refused(HTTPStatus.FORBIDDEN,
                               "rexec serves only loopback peers until it has a token: "
-                              "start it with REXEC_TOKEN or --token-file (or --no-auth)")
+                              "start it with REXEC_TOKEN, --token-file or --tokens (or --no-auth)")
             # DNS rebinding: a page from evil.example resolving to 127.0.0.1.  With
             # --no-auth the operator opened the door; hosts are then called by name.
             host = self.headers.get("Host")

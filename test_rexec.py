@@ -2337,7 +2337,7 @@ class NonLoopbackTests(NetnsTestCase):
         self.assertTrue(raw.startswith(b"HTTP/1.1 403 "), raw)
         self.assertTrue(raw.endswith(
             b"\r\n\r\nrexec serves only loopback peers until it has a token: "
-            b"start it with REXEC_TOKEN or --token-file (or --no-auth)\n"), raw)
+            b"start it with REXEC_TOKEN, --token-file or --tokens (or --no-auth)\n"), raw)
         for path in ("/process", "/metrics"):
             self.assertTrue(self.remote(server, "GET", path).startswith(b"HTTP/1.1 403 "))
         self.assertTrue(self.remote(server, "GET", "/health").endswith(b"\r\n\r\nok\n"))
