@@ -969,6 +969,28 @@ def output_hung_up(fd):
     return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
+class WakeChannel:
+    """A descriptor another thread can make readable, to wake a stream's poll:
+    an eventfd (Python 3.10+) or a pipe.  Each warm thread has one, made when
+    it starts and closed when it ends, for each stream it serves in turn: a
+    short command costs no descriptors for it.  A wake-up left over from the
+    last stream only makes the next one look once."""
+
+    def __init__(self):
+        if CAN_EVENTFD:
+            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        else:
+            self.read_fd, self.write_fd = os.pipe()
+            os.set_blocking(self.write_fd, False)
+
+    def close(self):
+        for fd in {self.read_fd, self.write_fd}:
+            os.close(fd)
+
+
+_wake_channels = threading.local()   # `channel`: the warm thread's WakeChannel
+
+
 class Ending:
     """How one process group ends: the one place that decides it.
 
@@ -1000,6 +1022,7 @@ class Ending:
     _popen = None
     _deadline = _term_at = None
     _wake_w = None
+    _own_channel = None      # a WakeChannel made for this ending alone (see prepare())
 
     def __init__(self, grace, timeout, on_reaped):
         self.grace = grace
@@ -1010,14 +1033,13 @@ class Ending:
         self._lock = threading.Lock()
 
     def prepare(self):
-        """Open the wake-up channel, before the child starts."""
-        if CAN_EVENTFD:
-            wake_fd = wake_w = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        else:
-            wake_fd, wake_w = os.pipe()
-            os.set_blocking(wake_w, False)
+        """Take the thread's wake-up channel, before the child starts; on a
+        thread without one (not a warm thread), open one of its own."""
+        channel = getattr(_wake_channels, "channel", None)
+        own = None if channel is not None else WakeChannel()
+        channel = channel or own
         with self._lock:
-            self.wake_fd, self._wake_w = wake_fd, wake_w
+            self.wake_fd, self._wake_w, self._own_channel = channel.read_fd, channel.write_fd, own
 
     def begin(self, popen):
         """Take charge of the child `popen`, just started."""
@@ -1092,13 +1114,16 @@ class Ending:
         return self.exit_code
 
     def close(self):
-        """Close the descriptors (the wake-up channel under the lock: a late
-        ask() must never write into a reused descriptor number)."""
+        """Close the descriptors, and let go of the wake-up channel under the
+        lock: a late ask() must never write into the thread's next stream's
+        channel, or into a reused descriptor number."""
         with self._lock:
-            fds = {self.wake_fd, self._wake_w, self.exit_fd}
-            self.wake_fd = self._wake_w = self.exit_fd = None
-        for fd in fds - {None}:
-            os.close(fd)
+            exit_fd, own = self.exit_fd, self._own_channel
+            self.wake_fd = self._wake_w = self.exit_fd = self._own_channel = None
+        if exit_fd is not None:
+            os.close(exit_fd)
+        if own is not None:
+            own.close()
 
     def _reap(self):
         try:
@@ -2349,11 +2374,10 @@ class Headers:
     that rexec uses, without the email parser behind it (a quarter of a short
     request's parsing).  `defects` lists the lines that are no field."""
 
-    __slots__ = ("_fields", "_first", "defects")
+    __slots__ = ("_values", "defects")
 
     def __init__(self, head):
-        self._fields = []   # (lower-cased name, value)
-        self._first = {}    # lower-cased name -> its first value
+        self._values = values = {}   # lower-cased name -> its values, in the order sent
         self.defects = []
         for line in head.split(b"\r\n")[:-2]:   # the head ends with an empty line
             name, colon, value = line.partition(b":")
@@ -2362,19 +2386,21 @@ class Headers:
                 continue
             name = name.decode("ascii").lower()
             value = value.strip(b" \t").decode("iso-8859-1")
-            self._fields.append((name, value))
-            self._first.setdefault(name, value)
+            if name in values:
+                values[name].append(value)
+            else:
+                values[name] = [value]
 
     def get(self, name, default=None):
-        return self._first.get(name.lower(), default)
+        values = self._values.get(name.lower())
+        return values[0] if values else default
 
     def get_all(self, name, default=None):
-        name = name.lower()
-        values = [value for field, value in self._fields if field == name]
-        return values or default
+        values = self._values.get(name.lower())
+        return list(values) if values else default
 
     def __contains__(self, name):
-        return name.lower() in self._first
+        return name.lower() in self._values
 
 
 class RexecHandler(http.server.BaseHTTPRequestHandler):
@@ -2651,7 +2677,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.NOT_IMPLEMENTED, "%s %s is not supported"
                           % (self.command, self.path.partition("?")[0]))
         if action == self.start_process:
-            self._body_length()
+            self.body_length = self._body_length()   # refused (411, 413) before it is read
         return action
 
     def _handle(self):
@@ -2768,7 +2794,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         return length
 
     def _read_body(self):
-        length = self._body_length()
+        length = self.body_length   # _preflight() took it
         try:
             body = self.rfile.read(length)
         except OSError as exc:  # a timeout (DeadlineReader) or a reset: the client is no use
@@ -3068,17 +3094,21 @@ class WarmThreads:
             return len(self._idle)
 
     def _run(self, handoff, job):
-        while job is not None:
-            self._serve(*job)
-            with self._lock:
-                self._idle.append(handoff)
-            if not handoff.ready.acquire(timeout=WARM_IDLE):
+        channel = _wake_channels.channel = WakeChannel()   # for each stream it serves
+        try:
+            while job is not None:
+                self._serve(*job)
                 with self._lock:
-                    if handoff in self._idle:   # nothing came: this thread ends
-                        self._idle.remove(handoff)
-                        return
-                handoff.ready.acquire()   # submit() took it just now: its job comes
-            job, handoff.job = handoff.job, None
+                    self._idle.append(handoff)
+                if not handoff.ready.acquire(timeout=WARM_IDLE):
+                    with self._lock:
+                        if handoff in self._idle:   # nothing came: this thread ends
+                            self._idle.remove(handoff)
+                            return
+                    handoff.ready.acquire()   # submit() took it just now: its job comes
+                job, handoff.job = handoff.job, None
+        finally:
+            channel.close()
 
 
 class _Handoff:
