@@ -1814,6 +1814,20 @@ class ControlFieldTests(ServerTestCase):
         self.assertTrue(rest.endswith(
             b"0\r\nRexec-Exit-Code: -15\r\nRexec-Reason: killed\r\n\r\n"), rest)
 
+    def test_the_next_stream_on_a_connection_is_not_ended_by_the_last_ones_wake_up(self):
+        # A connection keeps its thread, whose one wake-up channel serves each
+        # of its streams in turn: the DELETE's wake-up must end only its own.
+        conn = self.start_stream({"alias": "first", "cmd": "sleep", "args": ["300"]})
+        self.running_pid("first")
+        with Conn(self.server) as other:
+            self.assertEqual(other.request("DELETE", "/process/first").status, 200)
+        self.assertEqual(conn.rest().trailers["Rexec-Reason"], "killed")
+        conn.send("POST", "/process", {"alias": "second", "cmd": "sh",
+                                       "args": ["-c", "sleep 0.3; echo done"]})
+        response = conn.response()
+        self.assertEqual((response.body, response.trailers),
+                         (b"done\n", {"Rexec-Exit-Code": "0", "Rexec-Reason": "exit"}))
+
     def test_delete_a_term_ignoring_child(self):
         conn = self.start_stream({"alias": "k", "cmd": "sh",
                                   "args": ["-c", "trap '' TERM; echo ready; sleep 300"]})
