@@ -267,8 +267,11 @@ class Poller:
     """What a stream waits on: descriptors (ints), each with the events it
     waits for (selectors.EVENT_READ, EVENT_WRITE) and a callback.  poll(2)
     itself where USE_POLL, else a selectors.DefaultSelector.  A hang-up or an
-    error is reported as both events, as selectors do.  Cheaper than
-    selectors.PollSelector, which costs a key object and lookups per change."""
+    error is reported as both events, as selectors do; with poll(2), a
+    hang-up (POLLHUP) adds HANGUP too.  Cheaper than selectors.PollSelector,
+    which costs a key object and lookups per change."""
+
+    HANGUP = 4   # a bit beside EVENT_READ and EVENT_WRITE: no writer is left (a pipe's)
 
     _TO_POLL = {selectors.EVENT_READ: select.POLLIN, selectors.EVENT_WRITE: select.POLLOUT,
                 selectors.EVENT_READ | selectors.EVENT_WRITE: select.POLLIN | select.POLLOUT}
@@ -309,7 +312,8 @@ class Poller:
         for fd, revents in self._poll.poll(None if timeout is None else
                                            math.ceil(timeout * 1000)):
             mask = ((selectors.EVENT_READ if revents & ~select.POLLOUT else 0)
-                    | (selectors.EVENT_WRITE if revents & ~select.POLLIN else 0))
+                    | (selectors.EVENT_WRITE if revents & ~select.POLLIN else 0)
+                    | (self.HANGUP if revents & select.POLLHUP else 0))
             ready.append((self._callbacks[fd], mask))
         return ready
 
@@ -400,16 +404,18 @@ class BodyWriter:
         """True while the output should be read: there is room, or no client."""
         return self.output_open and not self.pending
 
-    def output_ready(self):
-        """Pass on what the child wrote.  After a large chunk the client took at
-        once, the next one goes straight out too (up to OUTPUT_BURST), without a
-        trip through the selector: a fast child costs fewer calls per byte.
+    def output_ready(self, hung_up=False):
+        """Pass on what the child wrote; `hung_up`: the output is a pipe with
+        no writer left (Poller.HANGUP), so a read that does not fill the buffer
+        reads it to its end.  After a large chunk the client took at once, the next one
+        goes straight out too (up to OUTPUT_BURST), without a trip through the
+        selector: a fast child costs fewer calls per byte.
         The first output is read on at once: when the pipe is then at its end
         (a short command that wrote and exited), the output stays held with the
         head for the exit, FIRST_WAIT at most, to go out in one send with the
         end of the body; else it goes out at once."""
         for _ in range(OUTPUT_BURST):
-            size = self._take_chunk()
+            size = self._take_chunk(hung_up)
             if size and self._head is not None and self.wants_output:
                 # The first output is held: read on at once, so that the end of
                 # a child that wrote and exited is seen without another poll.
@@ -484,9 +490,9 @@ class BodyWriter:
         self._head = None
         self.pending.clear()
 
-    def _take_chunk(self):
+    def _take_chunk(self, hung_up=False):
         """Frame one chunk of output (or drop it) and send what the socket
-        takes; the chunk's size, 0 if there was none."""
+        takes; the chunk's size, 0 if there was none.  `hung_up`: see output_ready()."""
         fd = self.output_fd
         # How much is there decides the path, once a large chunk was seen: before,
         # everything is read in place (a short command costs no FIONREAD).
@@ -496,8 +502,11 @@ class BodyWriter:
             self._queue(self.head(size), size, self.tail)
         else:
             view = self._frame_buffer()
-            size = read_output(fd, view[HEAD_ROOM:len(view) - len(self.tail)])
-            if size == 0:
+            room = len(view) - len(self.tail) - HEAD_ROOM
+            size = read_output(fd, view[HEAD_ROOM:HEAD_ROOM + room])
+            if size == 0 or hung_up and size and size < room:
+                # A pipe without writers that gave less than asked is at its end:
+                # a short command's output costs no read of its own end.
                 self.output_open = False
             if not size:
                 return 0
@@ -1737,13 +1746,10 @@ class Stream:
 
     def _on_output(self, mask):
         try:
-            self.writer.output_ready()
+            # A terminal's read may stop short of what it holds: only a pipe's tells.
+            self.writer.output_ready(hung_up=bool(mask & Poller.HANGUP) and not self.proc.spec.tty)
         except ClientDisconnected:
             self.lose_client()
-        if not self.writer.output_open and self.stderr is not None and self.stderr.open:
-            # The output's end is most often the child's exit: its stderr is at
-            # its end too, and read now it costs the stream no poll of its own.
-            self.stderr.ready()
 
     def _on_socket(self, mask):
         if mask & selectors.EVENT_WRITE:
