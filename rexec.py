@@ -2226,6 +2226,7 @@ class LineFormatter(logging.Formatter):
         self.errors = getattr(stream, "errors", None) or "backslashreplace"
         self.lock = threading.Lock()
         self._second = (None, "")   # the second of the last text line, and its text
+        self._level_names = {}      # level -> its name (logging.getLevelName costs a call)
 
     def format(self, record):
         traceback = self.formatException(record.exc_info) if record.exc_info else None
@@ -2252,7 +2253,10 @@ class LineFormatter(logging.Formatter):
         if made != second:
             text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._second = (second, text)
-        return "%s,%03d %s " % (text, (created - second) * 1000, logging.getLevelName(level))
+        name = self._level_names.get(level)
+        if name is None:
+            name = self._level_names[level] = logging.getLevelName(level)
+        return "%s,%03d %s " % (text, (created - second) * 1000, name)
 
 
 def setup_logging(verbosity, fmt):
