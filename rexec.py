@@ -267,11 +267,8 @@ class Poller:
     """What a stream waits on: descriptors (ints), each with the events it
     waits for (selectors.EVENT_READ, EVENT_WRITE) and a callback.  poll(2)
     itself where USE_POLL, else a selectors.DefaultSelector.  A hang-up or an
-    error is reported as both events, as selectors do; with poll(2), a
-    hang-up (POLLHUP) adds HANGUP too.  Cheaper than selectors.PollSelector,
-    which costs a key object and lookups per change."""
-
-    HANGUP = 4   # a bit beside EVENT_READ and EVENT_WRITE: no writer is left (a pipe's)
+    error is reported as both events, as selectors do.  Cheaper than
+    selectors.PollSelector, which costs a key object and lookups per change."""
 
     _TO_POLL = {selectors.EVENT_READ: select.POLLIN, selectors.EVENT_WRITE: select.POLLOUT,
                 selectors.EVENT_READ | selectors.EVENT_WRITE: select.POLLIN | select.POLLOUT}
@@ -312,8 +309,7 @@ class Poller:
         for fd, revents in self._poll.poll(None if timeout is None else
                                            math.ceil(timeout * 1000)):
             mask = ((selectors.EVENT_READ if revents & ~select.POLLOUT else 0)
-                    | (selectors.EVENT_WRITE if revents & ~select.POLLIN else 0)
-                    | (self.HANGUP if revents & select.POLLHUP else 0))
+                    | (selectors.EVENT_WRITE if revents & ~select.POLLIN else 0))
             ready.append((self._callbacks[fd], mask))
         return ready
 
@@ -404,18 +400,16 @@ class BodyWriter:
         """True while the output should be read: there is room, or no client."""
         return self.output_open and not self.pending
 
-    def output_ready(self, hung_up=False):
-        """Pass on what the child wrote; `hung_up`: the output is a pipe with
-        no writer left (Poller.HANGUP), so a read that does not fill the buffer
-        reads it to its end.  After a large chunk the client took at once, the next one
-        goes straight out too (up to OUTPUT_BURST), without a trip through the
-        selector: a fast child costs fewer calls per byte.
+    def output_ready(self):
+        """Pass on what the child wrote.  After a large chunk the client took at
+        once, the next one goes straight out too (up to OUTPUT_BURST), without a
+        trip through the selector: a fast child costs fewer calls per byte.
         The first output is read on at once: when the pipe is then at its end
         (a short command that wrote and exited), the output stays held with the
         head for the exit, FIRST_WAIT at most, to go out in one send with the
         end of the body; else it goes out at once."""
         for _ in range(OUTPUT_BURST):
-            size = self._take_chunk(hung_up)
+            size = self._take_chunk()
             if size and self._head is not None and self.wants_output:
                 # The first output is held: read on at once, so that the end of
                 # a child that wrote and exited is seen without another poll.
@@ -490,9 +484,9 @@ class BodyWriter:
         self._head = None
         self.pending.clear()
 
-    def _take_chunk(self, hung_up=False):
+    def _take_chunk(self):
         """Frame one chunk of output (or drop it) and send what the socket
-        takes; the chunk's size, 0 if there was none.  `hung_up`: see output_ready()."""
+        takes; the chunk's size, 0 if there was none."""
         fd = self.output_fd
         # How much is there decides the path, once a large chunk was seen: before,
         # everything is read in place (a short command costs no FIONREAD).
@@ -502,11 +496,8 @@ class BodyWriter:
             self._queue(self.head(size), size, self.tail)
         else:
             view = self._frame_buffer()
-            room = len(view) - len(self.tail) - HEAD_ROOM
-            size = read_output(fd, view[HEAD_ROOM:HEAD_ROOM + room])
-            if size == 0 or hung_up and size and size < room:
-                # A pipe without writers that gave less than asked is at its end:
-                # a short command's output costs no read of its own end.
+            size = read_output(fd, view[HEAD_ROOM:len(view) - len(self.tail)])
+            if size == 0:
                 self.output_open = False
             if not size:
                 return 0
@@ -980,9 +971,10 @@ def output_hung_up(fd):
 
 class WakeChannel:
     """A descriptor another thread can make readable, to wake a stream's poll:
-    an eventfd (Python 3.10+) or a pipe.  Each warm thread has one, made when
-    it starts and closed when it ends, for each stream it serves in turn: a
-    short command costs no descriptors for it.  A wake-up left over from the
+    an eventfd (Python 3.10+) or a pipe.  A warm thread makes one for its
+    first stream and keeps it for each next one it serves, until it ends
+    (WarmThreads): a short command costs no descriptors for it, and a
+    connection that never streams holds none.  A wake-up left over from the
     last stream only makes the next one look once."""
 
     def __init__(self):
@@ -997,7 +989,7 @@ class WakeChannel:
             os.close(fd)
 
 
-_wake_channels = threading.local()   # `channel`: the warm thread's WakeChannel
+_wake_channels = threading.local()   # `channel`: the warm thread's WakeChannel, once made
 
 
 class Ending:
@@ -1042,11 +1034,16 @@ class Ending:
         self._lock = threading.Lock()
 
     def prepare(self):
-        """Take the thread's wake-up channel, before the child starts; on a
-        thread without one (not a warm thread), open one of its own."""
-        channel = getattr(_wake_channels, "channel", None)
-        own = None if channel is not None else WakeChannel()
-        channel = channel or own
+        """Take the thread's wake-up channel (made now if it has none yet),
+        before the child starts; on a thread that WarmThreads does not run,
+        open one of this ending's own.  OSError: out of descriptors."""
+        own = None
+        if getattr(_wake_channels, "kept", False):
+            channel = getattr(_wake_channels, "channel", None)
+            if channel is None:
+                channel = _wake_channels.channel = WakeChannel()
+        else:
+            channel = own = WakeChannel()
         with self._lock:
             self.wake_fd, self._wake_w, self._own_channel = channel.read_fd, channel.write_fd, own
 
@@ -1746,8 +1743,7 @@ class Stream:
 
     def _on_output(self, mask):
         try:
-            # A terminal's read may stop short of what it holds: only a pipe's tells.
-            self.writer.output_ready(hung_up=bool(mask & Poller.HANGUP) and not self.proc.spec.tty)
+            self.writer.output_ready()
         except ClientDisconnected:
             self.lose_client()
 
@@ -2869,26 +2865,28 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
 
     def _stream(self, proc):
         """Stream proc's output as the Accept header asks (chosen_answer()): the
-        raw stream, server-sent events, or one JSON answer at the end."""
-        answer = chosen_answer(self.headers.get("Accept"))
-        encoder = (EventEncoder() if answer == "events" else
-                   OutputCollector(self.server.max_output) if answer == "json" else None)
-        framing = (RawWriter if self.request_version == "HTTP/1.0" or answer == "json"
-                   else ChunkedWriter)
-        writer = framing(self.connection, proc.output_fd, proc.spec.tty, proc.alias, encoder)
-        stream = Stream(proc, self.connection, writer, self.reader.early)
+        raw stream, server-sent events, or one JSON answer at the end.  Whatever
+        fails, the group is ended and reaped and its alias freed."""
+        writer = None
         try:
-            self._pump(stream)
+            answer = chosen_answer(self.headers.get("Accept"))
+            encoder = (EventEncoder() if answer == "events" else
+                       OutputCollector(self.server.max_output) if answer == "json" else None)
+            framing = (RawWriter if self.request_version == "HTTP/1.0" or answer == "json"
+                       else ChunkedWriter)
+            writer = framing(self.connection, proc.output_fd, proc.spec.tty, proc.alias, encoder)
+            self._pump(Stream(proc, self.connection, writer, self.reader.early))
         finally:
             # Closing and accounting come after the last chunk: the client need not wait.
-            proc.close()
             ending = proc.ending
-            self.sent = writer.sent
-            self.server.metrics.count_exit(ending.reason, writer.sent)
+            ending.finish()   # the stream did, unless it failed before it ran
+            proc.close()
+            self.sent = sent = writer.sent if writer is not None else 0
+            self.server.metrics.count_exit(ending.reason, sent)
             log_event_soon(  # written with the access line, in one write
                 logging.INFO, "end", alias=proc.alias, pid=proc.pid, cmd=proc.spec.cmd,
                 exit=ending.exit_code, reason=ending.reason,
-                duration=Duration.since(proc.started_mono), bytes=writer.sent,
+                duration=Duration.since(proc.started_mono), bytes=sent,
                 token=proc.owner or "-")
 
     def _pump(self, stream):
@@ -3104,7 +3102,7 @@ class WarmThreads:
             return len(self._idle)
 
     def _run(self, handoff, job):
-        channel = _wake_channels.channel = WakeChannel()   # for each stream it serves
+        _wake_channels.kept = True   # its streams keep one wake-up channel (Ending.prepare)
         try:
             while job is not None:
                 self._serve(*job)
@@ -3118,7 +3116,9 @@ class WarmThreads:
                     handoff.ready.acquire()   # submit() took it just now: its job comes
                 job, handoff.job = handoff.job, None
         finally:
-            channel.close()
+            channel = getattr(_wake_channels, "channel", None)
+            if channel is not None:
+                channel.close()
 
 
 class _Handoff:

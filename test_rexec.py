@@ -14,6 +14,7 @@ ServerTestCase, the fixtures that most tests share; the benchmark comes last.
 """
 
 import base64
+import collections
 import contextlib
 import hashlib
 import io
@@ -815,6 +816,20 @@ class RefusalTests(ServerTestCase):
         self.assertRefused(run(broken, {"alias": "a", "cmd": "true"}), 500, "internal error")
         self.assertEqual(run(broken, {"alias": "a", "cmd": "true"}).status, 500)
 
+    def test_a_failure_between_the_spawn_and_the_stream_ends_the_child_too(self):
+        # As a failure inside the stream does: the group ends, the alias is free.
+        marker = "7%06d" % (os.getpid() % 1000000)
+        self.addCleanup(kill_all, marker)
+        server = Server(prelude="rexec.Stream.__init__ = lambda self, *args: 1 / 0")
+        self.addCleanup(server.stop)
+        response = run(server, {"alias": "boom", "cmd": "sleep", "args": [marker]})
+        self.assertEqual((response.status, response.body),
+                         (500, b"internal error; see the server log\n"))
+        server.wait_log(r"end alias=boom .*exit=-9 .*bytes=0")
+        self.assertEqual(pids_running(marker), [])
+        with Conn(server) as conn:
+            self.assertEqual(conn.request("GET", "/process").json(), [])
+
 
 class HttpHardeningTests(ServerTestCase):
 
@@ -1420,14 +1435,21 @@ class LifetimeTests(ServerTestCase):
         self.server = Server(*self.server_args, prelude="rexec.WARM_IDLE = 1.0")
         self.addCleanup(self.server.stop)
         pid = self.server.proc.pid
-        per_thread = 1 if rexec.CAN_EVENTFD else 2   # a warm thread's WakeChannel
 
         def counts():
-            """(descriptors but the warm threads' wake-up channels, threads)."""
+            """(descriptors but the warm threads' wake-up channels, threads).  A
+            channel is an eventfd, or a pipe both of whose ends rexec holds: of a
+            child's pipe, rexec holds one end."""
             with open("/proc/%d/status" % pid) as handle:
                 threads = int(re.search(r"Threads:\s+(\d+)", handle.read()).group(1))
-            fds = len(os.listdir("/proc/%d/fd" % pid))
-            return fds - per_thread * (threads - 1), threads   # the main thread has none
+            links = []
+            for name in os.listdir("/proc/%d/fd" % pid):
+                with contextlib.suppress(OSError):   # closed meanwhile
+                    links.append(os.readlink("/proc/%d/fd/%s" % (pid, name)))
+            pipes = collections.Counter(link for link in links if link.startswith("pipe:"))
+            channels = (links.count("anon_inode:[eventfd]")
+                        + sum(ends for ends in pipes.values() if ends == 2))
+            return len(links) - channels, threads
 
         def settled():
             """counts() once a connection just answered has closed: its thread
