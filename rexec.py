@@ -29,8 +29,8 @@ The sections of this file, in order:
     Protocol            chunk framing; BodyWriter (ChunkedWriter, RawWriter), which
                         owns every byte path from a child's output to a socket;
                         its encoders (EventEncoder, OutputCollector) and the
-                        Accept header's choice among them; Poller, what a stream
-                        waits on
+                        Accept header's choice among them; new_poller(), what
+                        every loop waits in
     Requests            parse_spec(): what a POST /process body may say
     Process supervision Ending, the one owner of how a process group ends;
                         Process (one child); StderrLines, its stderr into the log;
@@ -263,71 +263,55 @@ def read_output(fd, view):
         return 0
 
 
-class Poller:
-    """What a stream waits on: descriptors (ints), each with the events it
-    waits for (selectors.EVENT_READ, EVENT_WRITE) and a callback.  poll(2)
-    itself where USE_POLL, else a selectors.DefaultSelector.  A hang-up or an
-    error is reported as both events, as selectors do.  Cheaper than
-    selectors.PollSelector, which costs a key object and lookups per change."""
+POLLIN = getattr(select, "POLLIN", 1)     # poll(2)'s event bits, the ones rexec asks for;
+POLLOUT = getattr(select, "POLLOUT", 4)   # every other bit that comes (a hang-up, an error)
+                                          # means "look": the read or write will tell
 
-    _TO_POLL = {selectors.EVENT_READ: select.POLLIN, selectors.EVENT_WRITE: select.POLLOUT,
-                selectors.EVENT_READ | selectors.EVENT_WRITE: select.POLLIN | select.POLLOUT}
+
+class SelectorPoller:
+    """select.poll()'s interface -- register(fd, events), which also modifies;
+    unregister(fd); poll(milliseconds or None) -> [(fd, events)] -- on a
+    selectors.DefaultSelector, where poll(2) cannot serve (see USE_POLL).
+    Its descriptor, if it has one, closes with it."""
 
     def __init__(self):
-        self._events = {}       # fd -> the events it waits for, never 0
-        self._callbacks = {}    # fd -> what to call with the events that came
-        self._poll = select.poll() if USE_POLL else None
-        self._selector = None if USE_POLL else selectors.DefaultSelector()
+        self._selector = selectors.DefaultSelector()
 
-    def want(self, fd, events, callback):
-        """Wait on `fd` for `events` (0: not at all) from now on."""
-        current = self._events.get(fd, 0)
-        if events == current:
-            return
-        if self._selector is not None:
-            if not current:
-                self._selector.register(fd, events)
-            elif events:
-                self._selector.modify(fd, events)
-            else:
-                self._selector.unregister(fd)
-        elif events:
-            self._poll.register(fd, self._TO_POLL[events])   # register() also modifies
+    def register(self, fd, events):
+        mask = ((selectors.EVENT_READ if events & POLLIN else 0)
+                | (selectors.EVENT_WRITE if events & POLLOUT else 0))
+        if fd in self._selector.get_map():
+            self._selector.modify(fd, mask)
         else:
-            self._poll.unregister(fd)
-        if events:
-            self._events[fd], self._callbacks[fd] = events, callback
-        else:
-            del self._events[fd], self._callbacks[fd]
+            self._selector.register(fd, mask)
 
-    def wait(self, timeout):
-        """Block up to `timeout` seconds; [(callback, events)] of what is ready."""
-        if self._selector is not None:
-            return [(self._callbacks[key.fd], mask)
-                    for key, mask in self._selector.select(timeout)]
-        ready = []
-        for fd, revents in self._poll.poll(None if timeout is None else
-                                           math.ceil(timeout * 1000)):
-            mask = ((selectors.EVENT_READ if revents & ~select.POLLOUT else 0)
-                    | (selectors.EVENT_WRITE if revents & ~select.POLLIN else 0))
-            ready.append((self._callbacks[fd], mask))
-        return ready
+    def unregister(self, fd):
+        self._selector.unregister(fd)
 
-    def close(self):
-        if self._selector is not None:
-            self._selector.close()
+    def poll(self, timeout=None):
+        return [(key.fd, (POLLIN if mask & selectors.EVENT_READ else 0)
+                 | (POLLOUT if mask & selectors.EVENT_WRITE else 0))
+                for key, mask in self._selector.select(None if timeout is None
+                                                       else timeout / 1000)]
+
+
+def new_poller():
+    """What a loop waits in: poll(2) itself where USE_POLL (no descriptor of
+    its own, no syscall to register), else a SelectorPoller."""
+    return select.poll() if USE_POLL else SelectorPoller()
+
+
+def poll_ms(timeout):
+    """A timeout in seconds (None: none) as poll() takes it."""
+    return None if timeout is None else math.ceil(min(timeout, MAX_SELECT) * 1000)
 
 
 def wait_ready(fileobj, events, timeout):
-    """Block until `fileobj` is ready for `events` (selectors.EVENT_READ or
-    EVENT_WRITE); False when `timeout` passes first."""
-    poller = Poller()
-    try:
-        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
-        poller.want(fd, events, None)
-        return bool(poller.wait(timeout))
-    finally:
-        poller.close()
+    """Block until `fileobj` (a descriptor, or what has fileno()) is ready for
+    `events` (POLLIN or POLLOUT); False when `timeout` passes first."""
+    poller = new_poller()
+    poller.register(fileobj if isinstance(fileobj, int) else fileobj.fileno(), events)
+    return bool(poller.poll(poll_ms(timeout)))
 
 
 _frame_buffers = threading.local()   # each thread's BodyWriter buffer (see _frame_buffer())
@@ -454,7 +438,7 @@ class BodyWriter:
             self._queue_frame(self.encoder.end(exit_code, reason))
         self._queue(self.last(list(zip(TRAILERS, (str(exit_code), reason)))))
         while not self.flush():
-            if not wait_ready(self.sock, selectors.EVENT_WRITE, WRITE_TIMEOUT):
+            if not wait_ready(self.sock, POLLOUT, WRITE_TIMEOUT):
                 raise ClientDisconnected("the client stopped reading")
 
     def tick(self, now):
@@ -1638,25 +1622,67 @@ class Stream:
         self.stderr = (StderrLines(proc.popen.stderr.fileno(), proc.alias)
                        if proc.popen.stderr else None)
         self.sock_fd = sock.fileno()
-        self._wanted = None          # what _update() last asked the poller for
 
     def run(self):
-        """Stream until the child is gone and reaped; returns its exit code."""
-        poller = Poller()
+        """Stream until the child is gone and reaped; returns its exit code.
+
+        Each descriptor is registered once and dropped where its end is seen;
+        only the output and the socket change what they wait for, as the
+        writer goes busy and idle: the output is read while the writer is
+        idle, and the socket waited on for room while it is not."""
+        ending, writer, stderr = self.ending, self.writer, self.stderr
+        output_fd, sock_fd, wake_fd, exit_fd = (self.proc.output_fd, self.sock_fd,
+                                                ending.wake_fd, ending.exit_fd)
+        stderr_fd = stderr.fd if stderr is not None else None
+        poller = new_poller()
+        for fd in (wake_fd, exit_fd, stderr_fd):
+            if fd is not None:
+                poller.register(fd, POLLIN)
+        if self.stdin_fd is not None:
+            os.set_blocking(self.stdin_fd, False)
+            poller.register(self.stdin_fd, POLLOUT)
+        output_events = sock_events = 0   # what the two are registered for now
         try:
-            if self.stdin_fd is not None:
-                os.set_blocking(self.stdin_fd, False)
             due = self._step()
             while not self._finished():
-                self._update(poller)
-                timeout = MAX_SELECT if due is None else max(0.0, due - time.monotonic())
-                for callback, mask in poller.wait(min(MAX_SELECT, timeout)):
-                    callback(mask)
+                events = POLLIN if writer.wants_output else 0
+                if events != output_events:
+                    output_events = self._watch(poller, output_fd, events)
+                events = 0 if writer.gone else POLLIN if writer.idle else POLLIN | POLLOUT
+                if events != sock_events:
+                    sock_events = self._watch(poller, sock_fd, events)
+                for fd, events in poller.poll(poll_ms(
+                        MAX_SELECT if due is None else max(0.0, due - time.monotonic()))):
+                    if fd == output_fd:
+                        self._on_output()
+                    elif fd == sock_fd:
+                        self._on_socket(events)
+                    elif fd == stderr_fd:
+                        stderr.ready()
+                        if not stderr.open:
+                            poller.unregister(fd)
+                            stderr_fd = None
+                    elif fd == exit_fd:
+                        poller.unregister(fd)
+                        exit_fd = None
+                        ending.child_exited()
+                    elif fd == wake_fd:
+                        ending.on_wake()
+                    elif fd == self.stdin_fd:
+                        self._on_stdin(poller)
                 due = self._step()
         finally:
-            poller.close()
             self.end()
-        return self.ending.exit_code
+        return ending.exit_code
+
+    @staticmethod
+    def _watch(poller, fd, events):
+        """Have `fd` waited on for `events` (0: not at all); returns them."""
+        if events:
+            poller.register(fd, events)   # register() also modifies
+        else:
+            poller.unregister(fd)
+        return events
 
     def lose_client(self):
         if not self.writer.gone:
@@ -1709,51 +1735,23 @@ class Stream:
         return (self.ending.state == self.ending.REAPED and self.writer.idle
                 and fionread(self.proc.output_fd) == 0)
 
-    # -- what to wait for -------------------------------------------------
-
-    def _update(self, poller):
-        ending, writer, want = self.ending, self.writer, poller.want
-        wanted = (ending.exited, writer.wants_output, writer.gone, writer.idle,
-                  self.stderr is not None and self.stderr.open, self.stdin_fd, bool(self.stdin))
-        if wanted == self._wanted:   # nothing to change
-            return
-        self._wanted = wanted
-        want(ending.wake_fd, selectors.EVENT_READ, ending.on_wake)
-        if ending.exit_fd is not None:
-            want(ending.exit_fd, 0 if ending.exited else selectors.EVENT_READ,
-                 ending.child_exited)
-        want(self.proc.output_fd, selectors.EVENT_READ if writer.wants_output else 0,
-             self._on_output)
-        if self.stderr is not None:
-            want(self.stderr.fd, selectors.EVENT_READ if self.stderr.open else 0,
-                 self.stderr.ready)
-        sock_events = 0
-        if not writer.gone:
-            sock_events |= selectors.EVENT_READ
-            if not writer.idle:
-                sock_events |= selectors.EVENT_WRITE
-        want(self.sock_fd, sock_events, self._on_socket)
-        if self.stdin_fd is not None:
-            want(self.stdin_fd, selectors.EVENT_WRITE if self.stdin else 0, self._on_stdin)
-            if not self.stdin:  # all fed (or refused): the child sees EOF
-                self.proc.popen.stdin.close()
-                self.stdin_fd = None
-
     # -- events ------------------------------------------------------------
 
-    def _on_output(self, mask):
+    def _on_output(self):
         try:
             self.writer.output_ready()
         except ClientDisconnected:
             self.lose_client()
 
-    def _on_socket(self, mask):
-        if mask & selectors.EVENT_WRITE:
+    def _on_socket(self, events):
+        """Room to write (or a hang-up: the write will tell), or something to
+        read while the stream only writes (see _check_client)."""
+        if events & ~POLLIN:
             try:
                 self.writer.flush()
             except ClientDisconnected:
                 self.lose_client()
-        if mask & selectors.EVENT_READ and not self.writer.gone:
+        if events & ~POLLOUT and not self.writer.gone:
             self._check_client()
 
     def _check_client(self):
@@ -1778,7 +1776,9 @@ class Stream:
                           bytes=len(self.early))
             self.lose_client()
 
-    def _on_stdin(self, mask):
+    def _on_stdin(self, poller):
+        """Feed the child's stdin what it takes; once all of it is fed (or the
+        child will not read it all), close it: the child sees EOF."""
         try:
             written = os.write(self.stdin_fd, self.stdin[:READ_SIZE])
         except BlockingIOError:
@@ -1786,6 +1786,10 @@ class Stream:
         except (BrokenPipeError, ConnectionResetError):  # the child will not read it all
             written = len(self.stdin)
         self.stdin = self.stdin[written:]
+        if not self.stdin:
+            poller.unregister(self.stdin_fd)
+            self.proc.popen.stdin.close()
+            self.stdin_fd = None
 
 
 # --------------------------------------------------------------------------
@@ -2284,7 +2288,7 @@ def wait_for_socket(sock, exc, writing, deadline):
         writing = isinstance(exc, ssl.SSLWantWriteError)
     left = deadline - time.monotonic()
     if left <= 0 or not wait_ready(
-            sock, selectors.EVENT_WRITE if writing else selectors.EVENT_READ, left):
+            sock, POLLOUT if writing else POLLIN, left):
         raise socket.timeout("timed out")
 
 
@@ -3196,41 +3200,38 @@ class RexecServer(_ThreadingHTTPServer):
         instead of spinning on a listener that stays readable."""
         self.socket.setblocking(False)   # a connection reset before accept() is no hang
         listener = self.socket.fileno()
-        poller = Poller()
-        try:
-            poller.want(stop_fd, selectors.EVENT_READ, None)
-            poller.want(listener, selectors.EVENT_READ, self.socket)
-            pause = None
-            starved = False   # said once per spell without descriptors
-            while True:
-                ready = [callback for callback, _ in poller.wait(pause)]
-                if None in ready:   # the signal pipe
-                    if self.take_signals(stop_fd):
-                        return
-                    continue
-                if pause is not None:   # the pause is over: listen again
-                    poller.want(listener, selectors.EVENT_READ, self.socket)
-                    pause = None
-                    continue
-                try:
-                    # A burst of connects is taken without a poll between them.
-                    for _ in range(ACCEPT_BURST):
-                        request, client_address = self._accept()
-                        starved = False
-                        self._process(request, client_address)
-                except WOULD_BLOCK + (ConnectionAbortedError,):
-                    continue
-                except OSError as exc:
-                    if exc.errno not in OUT_OF_RESOURCES_ERRNOS:
-                        raise
-                    if not starved:
-                        log_event(logging.WARNING, "accept-paused", error=exc.strerror,
-                                  pause=Duration(ACCEPT_PAUSE))
-                    starved = True
-                    poller.want(listener, 0, None)
-                    pause = ACCEPT_PAUSE
-        finally:
-            poller.close()
+        poller = new_poller()
+        poller.register(stop_fd, POLLIN)
+        poller.register(listener, POLLIN)
+        pause = None
+        starved = False   # said once per spell without descriptors
+        while True:
+            ready = [fd for fd, _ in poller.poll(poll_ms(pause))]
+            if stop_fd in ready:   # the signal pipe
+                if self.take_signals(stop_fd):
+                    return
+                continue
+            if pause is not None:   # the pause is over: listen again
+                poller.register(listener, POLLIN)
+                pause = None
+                continue
+            try:
+                # A burst of connects is taken without a poll between them.
+                for _ in range(ACCEPT_BURST):
+                    request, client_address = self._accept()
+                    starved = False
+                    self._process(request, client_address)
+            except WOULD_BLOCK + (ConnectionAbortedError,):
+                continue
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES_ERRNOS:
+                    raise
+                if not starved:
+                    log_event(logging.WARNING, "accept-paused", error=exc.strerror,
+                              pause=Duration(ACCEPT_PAUSE))
+                starved = True
+                poller.unregister(listener)
+                pause = ACCEPT_PAUSE
 
     def _accept(self):
         """socket.accept(), without looking up the listener's family and type
@@ -3299,7 +3300,7 @@ class RexecServer(_ThreadingHTTPServer):
         deadline = time.monotonic() + self.grace + DRAIN_SLACK
         hurried = False
         while self._streams and time.monotonic() < deadline:
-            signalled = wait_ready(signal_fd, selectors.EVENT_READ, DRAIN_POLL)
+            signalled = wait_ready(signal_fd, POLLIN, DRAIN_POLL)
             if signalled and self.take_signals(signal_fd):
                 if not hurried:
                     log_event(logging.WARNING, "stop-now", processes=len(procs))
