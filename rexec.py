@@ -2118,13 +2118,14 @@ class Event:
 
 def event_text(event, fields):
     """'event k=v ...', each value as printable() writes it."""
-    # An int, a Duration, and a str that printable() would leave as it is (most
-    # are) skip the call.
-    return " ".join([event] + [
-        "%s=%s" % (name, value if type(value) is int or type(value) is str and value
-                   and value.isprintable() and " " not in value else
-                   "%.3fs" % value if type(value) is Duration else printable(value))
-        for name, value in fields.items()])
+    text = " ".join(map("%s=%s".__mod__, fields.items()))   # no Python frame per field
+    # Nearly always nothing to escape: the whole line is printable, its only
+    # spaces are the ones between fields, and no value is empty.
+    if (text.isprintable() and text.count(" ") == len(fields) - 1
+            and "= " not in text and text[-1:] != "="):
+        return event + " " + text if text else event
+    return " ".join([event] + ["%s=%s" % (name, printable(value))
+                               for name, value in fields.items()])
 
 
 def logged_path(path):
