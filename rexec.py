@@ -1644,11 +1644,12 @@ class Stream:
         output_events = sock_events = 0   # what the two are registered for now
         try:
             due = self._step()
-            while not self._finished():
-                events = POLLIN if writer.wants_output else 0
+            while not ending.exited or not self._finished():
+                # writer.wants_output and writer.idle, without two calls a round
+                events = POLLIN if writer.output_open and not writer.pending else 0
                 if events != output_events:
                     output_events = self._watch(poller, output_fd, events)
-                events = 0 if writer.gone else POLLIN if writer.idle else POLLIN | POLLOUT
+                events = (0 if writer.gone else POLLOUT | POLLIN if writer.pending else POLLIN)
                 if events != sock_events:
                     sock_events = self._watch(poller, sock_fd, events)
                 for fd, events in poller.poll(poll_ms(
@@ -2375,7 +2376,10 @@ def is_literal_host(host):
 
 
 # A header field's name: an RFC 9110 token.
-FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# A whole field line, its value without the white space around it (matched
+# in linear time: no lazy part before the trailing white space).
+FIELD_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r\n",
+                        re.M)
 
 
 class Headers:
@@ -2390,13 +2394,13 @@ class Headers:
     def __init__(self, head):
         self._values = values = {}   # lower-cased name -> its values, in the order sent
         self.defects = []
-        for line in head.split(b"\r\n")[:-2]:   # the head ends with an empty line
-            name, colon, value = line.partition(b":")
-            if not colon or not FIELD_NAME.fullmatch(name):
-                self.defects.append(line)
-                continue
-            name = name.decode("ascii").lower()
-            value = value.strip(b" \t").decode("iso-8859-1")
+        text = head.decode("iso-8859-1")
+        fields = FIELD_LINE.findall(text)   # one scan; a line that is no field is not there
+        if len(fields) != text.count("\n") - 1:   # the head ends with an empty line
+            self.defects = [line for line in head.split(b"\r\n")[:-2]
+                            if not FIELD_LINE.match(line.decode("iso-8859-1") + "\r\n")]
+        for name, value in fields:
+            name = name.lower()
             if name in values:
                 values[name].append(value)
             else:
