@@ -245,6 +245,18 @@ def last_chunk(trailers):
                                for k, v in trailers) + b"\r\n"
 
 
+_last_chunks = {}   # (exit code, reason) -> its last chunk: a few hundred at most
+
+
+def ending_chunk(exit_code, reason):
+    """The last chunk of a stream whose process ended so, its trailers saying how."""
+    chunk = _last_chunks.get((exit_code, reason))
+    if chunk is None:
+        chunk = _last_chunks[exit_code, reason] = last_chunk(
+            zip(TRAILERS, (str(exit_code), reason)))
+    return chunk
+
+
 def fionread(fd):
     """Bytes waiting to be read in a pipe or terminal."""
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
@@ -355,8 +367,8 @@ class BodyWriter:
         """What comes before a frame of `size` (> 0) bytes."""
         raise NotImplementedError
 
-    def last(self, trailers):
-        """What ends the body once the process has ended."""
+    def last(self, exit_code, reason):
+        """What ends the body once the process has ended, and how."""
         raise NotImplementedError
 
     def __init__(self, sock, output_fd, tty, label, encoder=None):
@@ -436,7 +448,7 @@ class BodyWriter:
         process ended; blocking up to WRITE_TIMEOUT for each pause of the client's."""
         if self.encoder is not None:
             self._queue_frame(self.encoder.end(exit_code, reason))
-        self._queue(self.last(list(zip(TRAILERS, (str(exit_code), reason)))))
+        self._queue(self.last(exit_code, reason))
         while not self.flush():
             if not wait_ready(self.sock, POLLOUT, WRITE_TIMEOUT):
                 raise ClientDisconnected("the client stopped reading")
@@ -588,8 +600,8 @@ class ChunkedWriter(BodyWriter):
     def head(self, size):
         return chunk_head(size)
 
-    def last(self, trailers):
-        return last_chunk(trailers)
+    def last(self, exit_code, reason):
+        return ending_chunk(exit_code, reason)
 
 
 class RawWriter(BodyWriter):
@@ -601,7 +613,7 @@ class RawWriter(BodyWriter):
     def head(self, size):
         return b""
 
-    def last(self, trailers):
+    def last(self, exit_code, reason):
         return b""
 
 
@@ -2088,12 +2100,9 @@ def printable(value):
 
 
 class Duration(float):
-    """Seconds, rounded to the millisecond: a number in JSON, '0.010s' in text."""
+    """Seconds, made rounded to the millisecond: a number in JSON, '0.010s' in text."""
 
     __slots__ = ()
-
-    def __new__(cls, seconds):
-        return super().__new__(cls, round(seconds, 3))
 
     def __str__(self):
         return "%.3fs" % self
@@ -2101,7 +2110,7 @@ class Duration(float):
     @classmethod
     def since(cls, start):
         """The time from monotonic clock reading `start` to now."""
-        return cls(time.monotonic() - start)
+        return cls(round(time.monotonic() - start, 3))   # float's own __new__: no frame
 
 
 class Event:
@@ -2117,14 +2126,25 @@ class Event:
         return event_text(self.event, self.fields)
 
 
+_event_forms = {}   # (event, its field names) -> 'event name=%s ...' (see event_text)
+MAX_EVENT_FORMS = 256   # more are made each time: field names come from the code, so no more
+
+
 def event_text(event, fields):
     """'event k=v ...', each value as printable() writes it."""
-    text = " ".join(map("%s=%s".__mod__, fields.items()))   # no Python frame per field
+    key = (event,) + tuple(fields)
+    form = _event_forms.get(key)
+    if form is None:
+        form = " ".join([event.replace("%", "%%")]
+                        + [name.replace("%", "%%") + "=%s" for name in fields])
+        if len(_event_forms) < MAX_EVENT_FORMS:
+            _event_forms[key] = form
+    text = form % tuple(fields.values())
     # Nearly always nothing to escape: the whole line is printable, its only
-    # spaces are the ones between fields, and no value is empty.
-    if (text.isprintable() and text.count(" ") == len(fields) - 1
-            and "= " not in text and text[-1:] != "="):
-        return event + " " + text if text else event
+    # spaces are the ones before each field, and no value is empty.
+    if (text.isprintable() and text.count(" ") == len(fields)
+            and "= " not in text and text[-1] != "="):
+        return text
     return " ".join([event] + ["%s=%s" % (name, printable(value))
                                for name, value in fields.items()])
 
@@ -3233,7 +3253,7 @@ class RexecServer(_ThreadingHTTPServer):
                     raise
                 if not starved:
                     log_event(logging.WARNING, "accept-paused", error=exc.strerror,
-                              pause=Duration(ACCEPT_PAUSE))
+                              pause=Duration(round(ACCEPT_PAUSE, 3)))
                 starved = True
                 poller.unregister(listener)
                 pause = ACCEPT_PAUSE

@@ -1284,6 +1284,27 @@ class LifetimeTests(ServerTestCase):
         found = [int(n) for n in re.findall(r"gc-found (\d+)", server.log())]
         self.assertEqual(found[2:], [0] * 4, found)   # the first: what start-up left
 
+    def test_the_selector_fallback_serves_what_poll_serves(self):
+        # Where poll(2) cannot serve (macOS: terminals), every loop waits in a
+        # selector behind poll's interface (SelectorPoller): the accept loop,
+        # a stream's output, stdin, exit and socket, and a DELETE's wake-up.
+        server = Server("--grace", "0.5", prelude="rexec.USE_POLL = False")
+        self.addCleanup(server.stop)
+        response = run(server, {"alias": "e", "cmd": "echo", "args": ["hi"]})
+        self.assertEqual((response.body, response.trailers["Rexec-Reason"]), (b"hi\n", "exit"))
+        response = run(server, {"alias": "c", "cmd": "cat", "stdin": "fed\n" * 30000})
+        self.assertEqual(response.body, b"fed\n" * 30000)
+        conn = self.start_stream({"alias": "k", "cmd": "sleep", "args": ["300"]}, server)
+        self.running_pid("k", server)
+        with Conn(server) as other:
+            self.assertEqual(other.request("DELETE", "/process/k").status, 200)
+        self.assertEqual(conn.rest().trailers["Rexec-Reason"], "killed")
+        conn = self.start_stream({"alias": "s", "cmd": "sleep", "args": ["300"]}, server)
+        pid = self.running_pid("s", server)
+        conn.close()
+        self.assertTrue(wait_for(lambda: not pid_alive(pid)), "sleep outlived its client")
+        server.wait_log(r"end alias=s .*reason=disconnect")
+
     def test_silent_child_dies_when_the_client_leaves(self):
         conn = self.start_stream({"alias": "s", "cmd": "sleep", "args": ["300"]})
         pid = self.running_pid("s")
