@@ -2968,10 +2968,16 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
             fields += getattr(encoder, "headers", ()) + writer.headers
             fields = self._stream_heads[kind] = "".join(
                 "%s: %s\r\n" % field for field in fields).encode("latin-1") + b"\r\n"
-        return (("%s 200 OK\r\nServer: %s\r\nDate: %s\r\n" % (
-            self.protocol_version, self.version_string(), self.date_time_string())
-        ).encode("latin-1") + fields)
+        second = int(time.time())
+        made, first = RexecHandler._stream_first
+        if made != second:   # the status, Server and Date lines change once a second
+            first = ("%s 200 OK\r\nServer: %s\r\nDate: %s\r\n" % (
+                self.protocol_version, self.version_string(), self.date_time_string())
+            ).encode("latin-1")
+            RexecHandler._stream_first = (second, first)
+        return first + fields
 
+    _stream_first = (None, b"")   # (the second, a stream head's first lines then)
     _date = (None, "")   # (the second, its Date header): formatdate() costs more than this
 
     def date_time_string(self, timestamp=None):

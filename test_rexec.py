@@ -5293,6 +5293,18 @@ class Bench:
         some 1200 Python lines executed to LEAN's 230 (sys.settrace), each
         costing far more than in a loop: spawn and kernel evict the caches.
 
+        Measured since by instructions, which this host's noise does not move:
+        valgrind's callgrind counts the server's user-space instructions for
+        100 requests after 30 (the same for the same path, run after run).
+        rexec took 902,000 a request at b476aa0 and 840,000 after the stream
+        loop lost its per-round interest bookkeeping, log lines came from one
+        format per event and the head's fields from one scan; LEAN takes
+        359,000 (both through the waitid thread: valgrind 3.19 has no
+        pidfd_open).  rexec's gap to LEAN is spread over some 130 Python
+        functions a request, none above a sixth of it (logging 110,000, the
+        spawn's ctypes calls 105,000, the head 140,000, the stream loop
+        135,000).
+
         Done later on 2026-12-02, each measured against the commit before it
         (interleaved A/B of /proc CPU, 250-request blocks, 6 to 10 rounds):
         a short command's whole answer is one send (a child whose output is at
