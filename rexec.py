@@ -2407,12 +2407,13 @@ class Headers:
     names matched without regard to case, values without the white space
     around them, in the order sent.  The part of http.client's HTTPMessage
     that rexec uses, without the email parser behind it (a quarter of a short
-    request's parsing).  `defects` lists the lines that are no field."""
+    request's parsing).  `fields`: each lower-cased name's values, in the
+    order sent; `defects`: the lines that are no field."""
 
-    __slots__ = ("_values", "defects")
+    __slots__ = ("fields", "defects")
 
     def __init__(self, head):
-        self._values = values = {}   # lower-cased name -> its values, in the order sent
+        self.fields = values = {}
         self.defects = []
         text = head.decode("iso-8859-1")
         fields = FIELD_LINE.findall(text)   # one scan; a line that is no field is not there
@@ -2427,15 +2428,15 @@ class Headers:
                 values[name] = [value]
 
     def get(self, name, default=None):
-        values = self._values.get(name.lower())
+        values = self.fields.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name, default=None):
-        values = self._values.get(name.lower())
+        values = self.fields.get(name.lower())
         return list(values) if values else default
 
     def __contains__(self, name):
-        return name.lower() in self._values
+        return name.lower() in self.fields
 
 
 class RexecHandler(http.server.BaseHTTPRequestHandler):
@@ -2613,12 +2614,17 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         if head is None:
             return False
         self.headers = Headers(head)
-        connection = self.headers.get("Connection", "").lower()
+        fields = self.headers.fields
+        # What frames the body, taken once for _handle(), _check_framing() and _body_length()
+        self.lengths = fields.get("content-length", ())
+        self.chunked = "transfer-encoding" in fields
+        connection = fields.get("connection")
+        connection = connection[0].lower() if connection else ""
         if connection == "close":
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
-        self.expectations = self._expectations() if "Expect" in self.headers else []
+        self.expectations = self._expectations() if "expect" in fields else []
         if version >= (1, 1) and "100-continue" in self.expectations:
             return self.handle_expect_100()
         return True
@@ -2716,9 +2722,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         return action
 
     def _handle(self):
-        lengths = self.headers.get_all("Content-Length", [])
-        self.unread_body = "Transfer-Encoding" in self.headers or any(
-            length.strip() != "0" for length in lengths)
+        self.unread_body = self.chunked or any(length.strip() != "0" for length in self.lengths)
         try:
             self._preflight()()
         except Refused as refusal:
@@ -2754,12 +2758,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.defects:  # e.g. a line without a colon: the rest was not parsed
             self.close_connection = True
             raise Refused(HTTPStatus.BAD_REQUEST, "malformed header line")
-        lengths = self.headers.get_all("Content-Length", [])
-        hosts = self.headers.get_all("Host", [])
+        lengths, hosts = self.lengths, self.headers.fields.get("host", ())
         if len(lengths) > 1 or lengths and not CONTENT_LENGTH.fullmatch(lengths[0].strip(" \t")):
             self.close_connection = True
             raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length must be one decimal number")
-        if lengths and "Transfer-Encoding" in self.headers:   # which one frames the body?
+        if lengths and self.chunked:   # which one frames the body?
             self.close_connection = True
             raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length and Transfer-Encoding conflict")
         if len(hosts) > 1:
@@ -2816,13 +2819,12 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         return lists
 
     def _body_length(self):
-        if "Transfer-Encoding" in self.headers:
+        if self.chunked:
             raise Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
-        length = self.headers.get("Content-Length")
-        if length is None:
+        if not self.lengths:
             raise Refused(HTTPStatus.LENGTH_REQUIRED,
                           "a JSON body with a Content-Length is required")
-        length = int(length)   # _check_framing made sure it is digits
+        length = int(self.lengths[0])   # _check_framing made sure it is digits
         if length > MAX_BODY:
             raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                           "the body is larger than %d bytes" % MAX_BODY)
