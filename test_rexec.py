@@ -5296,14 +5296,14 @@ class Bench:
         Measured since by instructions, which this host's noise does not move:
         valgrind's callgrind counts the server's user-space instructions for
         100 requests after 30 (the same for the same path, run after run).
-        rexec took 902,000 a request at b476aa0 and 840,000 after the stream
-        loop lost its per-round interest bookkeeping, log lines came from one
-        format per event and the head's fields from one scan; LEAN takes
-        359,000 (both through the waitid thread: valgrind 3.19 has no
-        pidfd_open).  rexec's gap to LEAN is spread over some 130 Python
-        functions a request, none above a sixth of it (logging 110,000, the
-        spawn's ctypes calls 105,000, the head 140,000, the stream loop
-        135,000).
+        rexec took 903,000 a request at b476aa0 and 826,000 (0.91x) after the
+        stream loop lost its per-round interest bookkeeping, log lines came
+        from one format per event, the head's fields from one scan and its
+        framing fields were taken once; LEAN takes 359,000 (both through the
+        waitid thread: valgrind 3.19 has no pidfd_open).  rexec's gap to LEAN
+        is spread over some 130 Python functions a request, none above a
+        sixth of it: log lines about 110,000, the spawn's ctypes calls
+        105,000, the head 130,000, the stream loop 135,000.
 
         Done later on 2026-12-02, each measured against the commit before it
         (interleaved A/B of /proc CPU, 250-request blocks, 6 to 10 rounds):
