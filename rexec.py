@@ -284,10 +284,15 @@ class SelectorPoller:
     """select.poll()'s interface -- register(fd, events), which also modifies;
     unregister(fd); poll(milliseconds or None) -> [(fd, events)] -- on a
     selectors.DefaultSelector, where poll(2) cannot serve (see USE_POLL).
-    Its descriptor, if it has one, closes with it."""
+    Its descriptor, if it has one, closes as soon as it is dropped: a selector
+    refers to itself (its map), so left alone it would wait for the cyclic
+    garbage collector, holding a kqueue or epoll descriptor."""
 
     def __init__(self):
         self._selector = selectors.DefaultSelector()
+
+    def __del__(self):
+        self._selector.close()
 
     def register(self, fd, events):
         mask = ((selectors.EVENT_READ if events & POLLIN else 0)
@@ -2143,7 +2148,7 @@ def event_text(event, fields):
     # Nearly always nothing to escape: the whole line is printable, its only
     # spaces are the ones before each field, and no value is empty.
     if (text.isprintable() and text.count(" ") == len(fields)
-            and "= " not in text and text[-1] != "="):
+            and "= " not in text and text[-1:] != "="):
         return text
     return " ".join([event] + ["%s=%s" % (name, printable(value))
                                for name, value in fields.items()])

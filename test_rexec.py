@@ -1299,11 +1299,24 @@ class LifetimeTests(ServerTestCase):
         with Conn(server) as other:
             self.assertEqual(other.request("DELETE", "/process/k").status, 200)
         self.assertEqual(conn.rest().trailers["Rexec-Reason"], "killed")
+        conn.close()   # else its thread waits, in a selector, for its next request
         conn = self.start_stream({"alias": "s", "cmd": "sleep", "args": ["300"]}, server)
         pid = self.running_pid("s", server)
         conn.close()
         self.assertTrue(wait_for(lambda: not pid_alive(pid)), "sleep outlived its client")
         server.wait_log(r"end alias=s .*reason=disconnect")
+        for number in range(30):   # each selector's descriptor closes with its stream
+            self.assertEqual(run(server, {"alias": "n%d" % number, "cmd": "echo"}).body, b"\n")
+
+        def selectors_open():
+            found = []
+            for name in os.listdir("/proc/%d/fd" % server.proc.pid):
+                with contextlib.suppress(OSError):   # closed meanwhile
+                    if "eventpoll" in os.readlink("/proc/%d/fd/%s" % (server.proc.pid, name)):
+                        found.append(name)
+            return found
+        # The accept loop's only, once the last stream's thread is done with it.
+        self.assertTrue(wait_for(lambda: len(selectors_open()) <= 1), selectors_open())
 
     def test_silent_child_dies_when_the_client_leaves(self):
         conn = self.start_stream({"alias": "s", "cmd": "sleep", "args": ["300"]})
