@@ -132,7 +132,6 @@ THREAD_STACK_SIZE = 512 * 1024   # a thread per connection: 1000 streams fit in 
 WARM_IDLE = 10.0             # seconds a connection's thread waits for the next one, then exits
 LISTEN_BACKLOG = 1024        # a burst of connects waits in the kernel instead of being refused
 ACCEPT_PAUSE = 0.1           # seconds without accepting while out of descriptors (EMFILE)
-ACCEPT_BURST = 16            # connections accepted one after another before polling again
 DRAIN_SLACK = 5.0            # seconds a stop waits past the grace for streams to send their end
 DRAIN_POLL = 0.05            # seconds between a draining stop's looks at its streams
 CUT_WAIT = 1.0               # seconds for streams cut off at a drain's end to write their logs
@@ -258,8 +257,10 @@ def ending_chunk(exit_code, reason):
 
 
 def fionread(fd):
-    """Bytes waiting to be read in a pipe or terminal."""
-    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+    """Bytes waiting to be read in a pipe, socket or terminal."""
+    count = bytearray(4)   # mutable: ioctl() tries that first, and bytes cost a failed try
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return int.from_bytes(count, sys.byteorder)
 
 
 def read_output(fd, view):
@@ -366,6 +367,7 @@ class BodyWriter:
     framed_at = None        # when the last frame was queued (monotonic)
     _buffer = None          # see _frame_buffer()
     _head = _head_due = None   # the response head while held (start())
+    timed = False           # True while tick() may have something to send (see there)
     _first_held = False     # the first output went into the held head
 
     def head(self, size):
@@ -386,6 +388,7 @@ class BodyWriter:
         self.grow_pipe = bool(F_SETPIPE_SZ) and not tty   # see _grow_pipe()
         self.pending = collections.deque()   # bytes, or an int: bytes to splice
         self.progress_at = self.framed_at = time.monotonic()
+        self.timed = encoder is not None and encoder.keepalive is not None
 
     @property
     def idle(self):
@@ -447,6 +450,7 @@ class BodyWriter:
         """Hold the response head for the first output (or the end) to go out
         with it in one send; HEAD_WAIT at most, then alone (see tick())."""
         self._head, self._head_due = head, time.monotonic() + HEAD_WAIT
+        self.timed = True
 
     def finish(self, exit_code, reason):
         """Send what is pending and the end of the body, which says how the
@@ -463,7 +467,7 @@ class BodyWriter:
         for output, and the encoder's keep-alive once the stream has been
         silent for EVENT_KEEPALIVE (a proxy in between must not take it for a
         dead one).  Returns when the writer next sends something of its own
-        (a monotonic time), or None."""
+        (a monotonic time), or None.  Only `timed` writers need a tick."""
         due = None
         if self._head is not None:
             if now >= self._head_due:
@@ -483,6 +487,7 @@ class BodyWriter:
         """The client is gone: drop what is pending, and from now on the output."""
         self.gone = True
         self._head = None
+        self.timed = False
         self.pending.clear()
 
     def _take_chunk(self):
@@ -532,6 +537,7 @@ class BodyWriter:
                 self._first_held = True
                 return
             head, self._head = self._head, None
+            self.timed = self.encoder is not None and self.encoder.keepalive is not None
             if items and not isinstance(items[0], int) and len(items[0]) <= COALESCE_MAX:
                 items = (head + items[0],) + items[1:]
             else:
@@ -770,19 +776,21 @@ def _text(obj, name, default=None, required=False, nonempty=False):
     value = obj[name]
     if not isinstance(value, str):
         raise Refused(HTTPStatus.BAD_REQUEST, "field %r must be a string" % name)
-    _check_os_string(value, "field %r" % name)
+    _check_os_string(value, "field %r", name)
     if nonempty and not value:
         raise Refused(HTTPStatus.BAD_REQUEST, "field %r must not be empty" % name)
     return value
 
 
-def _check_os_string(value, what):
+def _check_os_string(value, what, *args):
+    """Refuse (400) `value` unless it can be an OS string; `what % args` names it
+    (made only then: a request's fields are nearly always fine)."""
     if "\0" in value:
-        raise Refused(HTTPStatus.BAD_REQUEST, "%s contains a NUL byte" % what)
+        raise Refused(HTTPStatus.BAD_REQUEST, "%s contains a NUL byte" % (what % args))
     try:
         value.encode(FS_ENCODING, FS_ERRORS)
     except UnicodeEncodeError:
-        raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text" % what)
+        raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text" % (what % args))
 
 
 def alias_problem(alias):
@@ -1137,7 +1145,8 @@ class Ending:
             if self._popen is not None:
                 self._popen.wait()
                 self.exit_code = self._popen.returncode
-                self.ask("exit", wake=False)   # when nothing else ended it
+                if self.reason is None:   # nothing else ended it
+                    self.ask("exit", wake=False)
         finally:
             self.state = self.REAPED
             self._release()
@@ -1639,6 +1648,8 @@ class Stream:
         self.stderr = (StderrLines(proc.popen.stderr.fileno(), proc.alias)
                        if proc.popen.stderr else None)
         self.sock_fd = sock.fileno()
+        self.log_due = held_log_due()   # when this thread's held log lines go out
+        self.ended = False
 
     def run(self):
         """Stream until the child is gone and reaped; returns its exit code.
@@ -1711,6 +1722,9 @@ class Stream:
         """Kill what is left of the group, reap, log the rest of stderr.  Idempotent.
         The descriptors stay open for the owner's proc.close(), once the body's end
         went out: closing them need not delay it."""
+        if self.ended:
+            return
+        self.ended = True
         self.ending.finish()
         if self.stderr is not None:
             self.stderr.finish()
@@ -1718,15 +1732,20 @@ class Stream:
     def _step(self):
         """Let the ending move on; when anything is next due, or None."""
         now, ending, writer = time.monotonic(), self.ending, self.writer
-        slow = ending.exited and not writer.idle   # a dead child's client has yet to take the rest
+        slow = ending.exited and writer.pending   # a dead child's client has yet to take the rest
         if slow and now >= writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()   # ... and stopped reading
         due = ending.step(now, self._output_done)
-        try:   # the held head, an event stream's keep-alive comments
-            due = earliest(due, writer.tick(now))
-        except ClientDisconnected:
-            self.lose_client()
-        due = earliest(due, flush_held_log(now))   # the start line, once the process ran a while
+        if writer.timed:   # the held head, an event stream's keep-alive comments
+            try:
+                due = earliest(due, writer.tick(now))
+            except ClientDisconnected:
+                self.lose_client()
+        if self.log_due is not None:   # the start line, once the process ran a while
+            if now >= self.log_due:
+                self.log_due = flush_held_log(now)
+            else:
+                due = earliest(due, self.log_due)
         if self.stderr is not None and self.stderr.dropped:
             due = earliest(due, self.stderr.step(now))
         if slow:
@@ -2104,18 +2123,25 @@ def printable(value):
     return '"%s"' % one_line(text.replace("\\", "\\\\").replace('"', '\\"'))
 
 
-class Duration(float):
-    """Seconds, made rounded to the millisecond: a number in JSON, '0.010s' in text."""
+class Duration(str):
+    """Seconds to the millisecond as a text line shows them ('0.010s'); in JSON,
+    the number (`seconds`).  A str, made once: a line's format takes it as it
+    is, where a float's own __str__ would be a call into Python for each line."""
 
     __slots__ = ()
 
-    def __str__(self):
-        return "%.3fs" % self
+    @classmethod
+    def of(cls, seconds):
+        return cls("%.3fs" % seconds)
 
     @classmethod
     def since(cls, start):
         """The time from monotonic clock reading `start` to now."""
-        return cls(round(time.monotonic() - start, 3))   # float's own __new__: no frame
+        return cls("%.3fs" % (time.monotonic() - start))
+
+    @property
+    def seconds(self):
+        return float(self[:-1])
 
 
 class Event:
@@ -2197,6 +2223,11 @@ def log_event_soon(level, event, **fields):
     held.append((time.time(), level, event, fields))
 
 
+def held_log_due():
+    """When this thread's held lines go out (a monotonic time), or None."""
+    return _held_log.due if getattr(_held_log, "lines", None) is not None else None
+
+
 def flush_held_log(now=None):
     """Write this thread's held lines: all of them, or with `now` (a monotonic
     time) those whose time has come.  When the rest is due (None: never)."""
@@ -2221,10 +2252,8 @@ def _write_events(out, entries):
     if out.as_json:
         text = "".join([out.line(created or now, level, Event(event, fields)) + "\n"
                         for created, level, event, fields in entries])
-    else:   # what line() makes of each, with the prefix of those made now made once
-        prefix = out.text_prefix(now, entries[-1][1]) if entries else ""
-        text = "".join(["%s%s\n" % (out.text_prefix(created, level) if created else prefix,
-                                     event_text(event, fields))
+    else:   # what line() makes of each
+        text = "".join([out.text_line(created or now, level, event_text(event, fields), "\n")
                         for created, level, event, fields in entries])
     with out.lock:   # one line at a time, however long
         try:
@@ -2237,7 +2266,7 @@ class LineFormatter(logging.Formatter):
     """The shape of every log line.  Text: 'TIME LEVEL event k=v ...'.  JSON
     (for log shippers): one object of one shape, time (seconds since the
     epoch), level, event, then the event's fields, and `traceback` for an
-    ERROR; numbers stay numbers (a Duration is seconds).  `direct` is the
+    ERROR; numbers stay numbers (a Duration is its seconds).  `direct` is the
     formatter log_event() writes with itself, with the descriptor it writes to."""
 
     direct = None
@@ -2266,24 +2295,25 @@ class LineFormatter(logging.Formatter):
             entry = {"time": round(created, 3), "level": logging.getLevelName(level).lower(),
                      "event": msg.event}
             for name, value in msg.fields.items():
+                if isinstance(value, Duration):
+                    value = value.seconds
                 entry.setdefault(name, value)   # a field cannot overwrite time, level, event
             if traceback:
                 entry["traceback"] = traceback
             return json.dumps(entry, default=str)
-        line = self.text_prefix(created, level) + str(msg)
-        return line + "\n" + traceback if traceback else line
+        return self.text_line(created, level, str(msg), "\n" + traceback if traceback else "")
 
-    def text_prefix(self, created, level):
-        """'TIME LEVEL ' of a text line, the time as the logging module writes it."""
+    def text_line(self, created, level, text, end=""):
+        """'TIME LEVEL text' and `end`, the time as the logging module writes it."""
         second = int(created)
-        made, text = self._second
+        made, stamp = self._second
         if made != second:
-            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._second = (second, text)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._second = (second, stamp)
         name = self._level_names.get(level)
         if name is None:
             name = self._level_names[level] = logging.getLevelName(level)
-        return "%s,%03d %s " % (text, (created - second) * 1000, name)
+        return "%s,%03d %s %s%s" % (stamp, (created - second) * 1000, name, text, end)
 
 
 def setup_logging(verbosity, fmt):
@@ -2426,11 +2456,7 @@ class Headers:
             self.defects = [line for line in head.split(b"\r\n")[:-2]
                             if not FIELD_LINE.match(line.decode("iso-8859-1") + "\r\n")]
         for name, value in fields:
-            name = name.lower()
-            if name in values:
-                values[name].append(value)
-            else:
-                values[name] = [value]
+            values.setdefault(name.lower(), []).append(value)
 
     def get(self, name, default=None):
         values = self.fields.get(name.lower())
@@ -3253,12 +3279,10 @@ class RexecServer(_ThreadingHTTPServer):
                 poller.register(listener, POLLIN)
                 pause = None
                 continue
-            try:
-                # A burst of connects is taken without a poll between them.
-                for _ in range(ACCEPT_BURST):
-                    request, client_address = self._accept()
-                    starved = False
-                    self._process(request, client_address)
+            try:   # one at a time: a second accept() would nearly always fail (EAGAIN)
+                request, client_address = self._accept()
+                starved = False
+                self._process(request, client_address)
             except WOULD_BLOCK + (ConnectionAbortedError,):
                 continue
             except OSError as exc:
@@ -3266,7 +3290,7 @@ class RexecServer(_ThreadingHTTPServer):
                     raise
                 if not starved:
                     log_event(logging.WARNING, "accept-paused", error=exc.strerror,
-                              pause=Duration(round(ACCEPT_PAUSE, 3)))
+                              pause=Duration.of(ACCEPT_PAUSE))
                 starved = True
                 poller.unregister(listener)
                 pause = ACCEPT_PAUSE
