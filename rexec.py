@@ -1231,6 +1231,22 @@ class Spawned:
         return self.returncode
 
 
+class FileActions:
+    """A posix_spawn_file_actions_t (`buffer`) that glibc initialized, and what
+    they were made for (`key`); destroyed (glibc frees what it allocated for
+    them) once dropped: replaced, or with its thread's threading.local."""
+
+    __slots__ = ("buffer", "key", "_destroy")
+
+    def __init__(self, buffer, destroy):
+        self.buffer, self._destroy = buffer, destroy
+        self.key = ()   # initialized, not yet complete
+
+    def __del__(self):
+        if self.key is not None:
+            self._destroy(self.buffer)
+
+
 class PosixSpawn:
     """glibc's posix_spawn(3), called through ctypes, which lets go of the GIL
     for the call (os.posix_spawn holds it throughout: other connections wait).
@@ -1303,7 +1319,7 @@ class PosixSpawn:
         self._closefrom = function("posix_spawn_file_actions_addclosefrom_np", ptr, c_int)
         self._environ = ptr.in_dll(libc, "environ")
         self._ctypes = ctypes
-        self._actions = threading.local()   # each thread's posix_spawn_file_actions_t
+        self._actions = threading.local()   # `kept`: each thread's last FileActions
         self._array_types = {}              # see _strings()
         # One attribute set for every child: posix_spawn only reads it.
         self._attr = ctypes.create_string_buffer(self.STRUCT_SIZE)
@@ -1343,11 +1359,6 @@ class PosixSpawn:
             if path is None:
                 return None
         ctypes = self._ctypes
-        actions = getattr(self._actions, "buffer", None)
-        if actions is None:   # made once per thread; init and destroy make it new each time
-            actions = self._actions.buffer = (ctypes.c_char * self.STRUCT_SIZE)()
-        if self._init(actions):
-            return None
         mine, theirs = [], []    # pipe ends: this side keeps `mine`, the child gets `theirs`
         try:
             targets = []         # what goes on 0, 1, 2: an fd, or None for /dev/null
@@ -1363,17 +1374,8 @@ class PosixSpawn:
                                    targets[1] if how == subprocess.STDOUT else how)
             if any(fd is not None and fd < 3 for fd in targets):
                 return None   # rexec's own 0-2 are closed: Popen shuffles such descriptors
-            devnull = None
-            for number, fd in enumerate(targets):
-                if fd is None and devnull is None:   # one /dev/null for all, as with Popen
-                    devnull = number
-                    failed = self._open(actions, number, b"/dev/null", os.O_RDWR, 0)
-                else:
-                    failed = self._dup2(actions, devnull if fd is None else fd, number)
-                if failed:
-                    return None
-            if (cwd != "." and self._chdir(actions, fsencode(cwd))
-                    or self._closefrom(actions, 3)):
+            actions = self._file_actions(targets, cwd)
+            if actions is None:
                 return None
             args = self._strings([arg.encode(FS_ENCODING, FS_ERRORS) for arg in argv])
             if env is None:
@@ -1388,10 +1390,39 @@ class PosixSpawn:
             mine = []
             return Spawned(pid.value, *files)
         finally:
-            self._destroy(actions)
             for fd in theirs + mine:
                 if fd is not None:
                     os.close(fd)
+
+    def _file_actions(self, targets, cwd):
+        """The file actions that put `targets` (an fd, or None for /dev/null) on
+        0, 1 and 2, chdir to `cwd` and close the rest; None if glibc refuses.
+        The thread keeps the last ones made (FileActions), and a child with the
+        same descriptors and cwd -- as a warm thread's next short command
+        nearly always has -- takes them again, without six more ctypes calls."""
+        key = (targets[0], targets[1], targets[2], cwd)
+        kept = getattr(self._actions, "kept", None)
+        if kept is not None and kept.key == key:
+            return kept.buffer
+        self._actions.kept = None   # destroyed as it goes
+        made = FileActions((self._ctypes.c_char * self.STRUCT_SIZE)(), self._destroy)
+        if self._init(made.buffer):
+            made.key = None   # never initialized: nothing to destroy
+            return None
+        actions, devnull = made.buffer, None
+        for number, fd in enumerate(targets):
+            if fd is None and devnull is None:   # one /dev/null for all, as with Popen
+                devnull = number
+                failed = self._open(actions, number, b"/dev/null", os.O_RDWR, 0)
+            else:
+                failed = self._dup2(actions, devnull if fd is None else fd, number)
+            if failed:
+                return None
+        if cwd != "." and self._chdir(actions, fsencode(cwd)) or self._closefrom(actions, 3):
+            return None
+        made.key = key
+        self._actions.kept = made
+        return actions
 
     def _strings(self, items):
         """A C array of the bytes `items` and a NULL.  Its type, one for each

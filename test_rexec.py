@@ -4636,6 +4636,41 @@ class SpawnTests(SharedServersTestCase):
         self.servers["popen"].wait_log("spawned-with Popen\n")
         self.assertNotIn("spawned-with Spawned", self.servers["popen"].log())
 
+    @unittest.skipUnless(rexec.PosixSpawn.available(), "no fast spawn here")
+    def test_a_threads_file_actions_are_kept_for_the_same_descriptors_and_cwd(self):
+        fast = rexec.PosixSpawn.available()
+        made, destroyed = [], []
+        init, destroy = fast._init, fast._destroy
+        fast._init = lambda buffer: made.append(buffer) or init(buffer)
+        fast._destroy = lambda buffer: destroyed.append(buffer) or destroy(buffer)
+        self.addCleanup(setattr, fast, "_init", init)
+        self.addCleanup(setattr, fast, "_destroy", destroy)
+
+        def pwd(cwd, into):
+            child = fast.spawn(["pwd"], None, cwd, None, subprocess.DEVNULL, subprocess.PIPE,
+                               subprocess.DEVNULL)
+            with open(child.stdout.fileno(), "rb", closefd=False) as output:
+                into.append(output.read().decode().strip())
+            child.stdout.close()
+            child.wait()
+
+        def spawns():
+            seen = []
+            for cwd in (".", ".", self.tmp, self.tmp, "."):
+                pwd(cwd, seen)
+                counts.append((len(made), len(destroyed)))
+            outputs.append(seen)
+
+        counts, outputs = [], []
+        worker = threading.Thread(target=spawns)
+        worker.start()
+        worker.join()
+        self.assertEqual(outputs, [[os.getcwd(), os.getcwd(), self.tmp, self.tmp, os.getcwd()]])
+        # Made for the first child, taken again by the second; new ones for another
+        # cwd (the old ones destroyed), and again on the way back.
+        self.assertEqual(counts, [(1, 0), (1, 0), (2, 1), (2, 1), (3, 2)])
+        self.assertEqual(len(destroyed), 3)   # the last ones went with the thread's locals
+
     def test_the_same_child_in_every_mode(self):
         cwd = os.path.join(self.tmp, "work dir")
         os.makedirs(cwd, exist_ok=True)
