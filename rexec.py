@@ -414,11 +414,12 @@ class BodyWriter:
         end of the body; else it goes out at once."""
         for _ in range(OUTPUT_BURST):
             size = self._take_chunk()
-            if size and self._head is not None and self.wants_output:
+            wants_output = self.output_open and not self.pending
+            if size and self._head is not None and wants_output:
                 # The first output is held: read on at once, so that the end of
                 # a child that wrote and exited is seen without another poll.
                 continue
-            if size < SPLICE_MIN or not self.wants_output:
+            if size < SPLICE_MIN or not wants_output:
                 break
         if self._first_held and self._head is not None and self.output_open:
             self._queue()   # the child writes on: its first output goes out now
@@ -521,7 +522,8 @@ class BodyWriter:
         self.sent += size
         if log.isEnabledFor(TRACE):
             log_event(TRACE, "chunk", alias=self.label, bytes=size)
-        self.flush()
+        if self.pending:   # not when the chunk waits with the held head
+            self.flush()
         return size
 
     def _queue(self, *items, output=False):
@@ -542,7 +544,9 @@ class BodyWriter:
                 items = (head + items[0],) + items[1:]
             else:
                 items = (head,) + items
-        self.pending.extend(item for item in items if item)   # never an empty write
+        for item in items:
+            if item:   # never an empty write
+                self.pending.append(item)
 
     def _queue_frame(self, data, output=False):
         """Queue `data`, copied into one frame; nothing at all when it is empty
