@@ -179,7 +179,15 @@ CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")   # ASCII only: int() also takes "+5
 HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs but HTAB (RFC 9110 5.5)
 LINE_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")   # in a request line, HTAB too (RFC 9112 3)
-HEAD_CONTROL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # a whole head's
+# A request head that nothing in it makes the line-by-line reads refuse, or
+# read otherwise: a request line of method, target (no control character, and
+# none that str.split() takes for white space: NEL, NBSP) and HTTP/d.d, each
+# after one space; field lines of a token, a colon and a value without control
+# characters but HTAB; all ended by CRLF, then the empty line.  Linear: each
+# repetition ends at a byte it cannot contain.
+WHOLE_HEAD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~\x80-\x84\x86-\x9f\xa1-\xff]+ "
+                        rb"HTTP/[0-9]\.[0-9]\r\n"
+                        rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*\r\n)*\r\n)")
 SPEC_FIELDS = ("alias", "cmd", "args", "cwd", "envs", "timeout", "stdin", "stderr", "tty")
 SPEC_FIELD_SET = frozenset(SPEC_FIELDS)
 ROLES = ("run", "read", "admin")   # what a token may do (README, Security); "run" by default
@@ -2609,7 +2617,11 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
     def _read_request_line(self):
         """Read the request line into raw_requestline, past up to MAX_EMPTY_LINES
         empty lines (RFC 9112 2.2: old clients send a CRLF after a body).  False
-        when the connection ended, or the line was refused (400, 414)."""
+        when the connection ended, or the line was refused (400, 414).  The
+        header lines may come with it (_whole_head), for _read_header_lines."""
+        self.header_lines = self._whole_head()
+        if self.header_lines is not None:
+            return True
         for _ in range(MAX_EMPTY_LINES + 1):
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if line != b"\r\n":
@@ -2663,7 +2675,7 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.BAD_REQUEST, "Bad request version (%r)" % words[-1])
                 return False
             version = int(match.group(1)), int(match.group(2))
-            if version >= (2, 0):
+            if not (1, 0) <= version < (2, 0):   # 0.9 has no status line: it would get none
                 self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
                                 "Invalid HTTP version (%s)" % words[-1][len("HTTP/"):])
                 return False
@@ -2700,9 +2712,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         bytes; None once refused: 431 for a head over MAX_HEAD bytes in all or
         MAX_HEADER_LINES lines, 400 for a line that _line_problem refuses or a
         folded one (obs-fold, which RFC 9112 5.2 lets a server refuse)."""
-        head = self._whole_head()
-        if head is not None:
-            return head
+        if self.header_lines is not None:   # read with the request line
+            return self.header_lines
         lines = []
         size = len(self.raw_requestline)
         while True:
@@ -2727,20 +2738,19 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 return None
 
     def _whole_head(self):
-        """The header lines in one piece, when the read buffer holds all of them
-        and none is one that _read_header_lines() would refuse line by line
-        (as in nearly every request); else None, and nothing is consumed."""
+        """The request line, into raw_requestline, and the header lines after it,
+        returned, all in one piece: when the read buffer holds the whole head
+        and it is one that the line-by-line reads take as it is (WHOLE_HEAD,
+        and within the limits), as in nearly every request.  Else None, and
+        nothing is consumed."""
         data = self.rfile.peek(1)
-        end = 2 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n") + 4
-        if end < 4 and end != 2 or len(self.raw_requestline) + end > MAX_HEAD:
+        match = WHOLE_HEAD.match(data)
+        if (match is None or match.end() > MAX_HEAD or match.start(1) > MAX_REQUEST_LINE
+                or data.count(b"\n", match.start(1), match.end()) > MAX_HEADER_LINES):
             return None
-        head = data[:end]
-        lines = head.count(b"\n")
-        if (lines > MAX_HEADER_LINES or head.count(b"\r") != lines
-                or head.count(b"\r\n") != lines or HEAD_CONTROL_BUT_CRLF.search(head)
-                or b"\n " in head or b"\n\t" in head or head[:1] in (b" ", b"\t")):
-            return None
-        return self.rfile.read(end)
+        head = self.rfile.read(match.end())
+        self.raw_requestline = head[:match.start(1)]
+        return head[match.start(1):]
 
     def _expectations(self):
         """The members of the Expect headers, lower-cased."""

@@ -959,6 +959,55 @@ class HttpHardeningTests(ServerTestCase):
         raw = raw_exchange(self.server, b"GET /" + b"p" * 65000 + b" HTTP/1.1\r\n" + line + b"\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 431 "), raw[:200])   # the request line counts
 
+    def test_a_head_read_whole_is_answered_as_one_read_line_by_line(self):
+        """The head in one piece (it may be taken whole, rexec.WHOLE_HEAD) and its
+        first byte alone (it is then read line by line) get the same answer."""
+        host = b"Host: localhost\r\n"
+        heads = [b"GET /health HTTP/1.1\r\n" + host, b"GET /health HTTP/1.0\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"X-Empty:\r\nX-Tab:\tv\t\r\n",
+                 b"GET /health HTTP/1.1\r\nhost:localhost\r\nX-Hi: \xe9\xff\r\n",
+                 b"GET /he\x85alth HTTP/1.1\r\n" + host, b"GET /he\xa0alth HTTP/1.1\r\n" + host,
+                 b"GET /he\talth HTTP/1.1\r\n" + host, b"GET /health\tHTTP/1.1\r\n" + host,
+                 b"GET  /health HTTP/1.1\r\n" + host, b"GET /health HTTP/1.1 \r\n" + host,
+                 b"GET /health HTTP/2.0\r\n" + host, b"GET /health HTTP/1.10\r\n" + host,
+                 b"GET /health HTTP/0.9\r\n" + host, b"get /health HTTP/1.1\r\n" + host,
+                 b"G@T /health HTTP/1.1\r\n" + host, b"\r\nGET /health HTTP/1.1\r\n" + host,
+                 b"GET /health HTTP/1.1\r\n" + host + b" folded\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\rb\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\nb\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\x00\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\x7f\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"X : a\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"no colon\r\n",
+                 b"GET /health HTTP/1.1\r\n" + host + b"X-%d: y\r\n" * 0,
+                 b"GET /health HTTP/1.1\r\n" + host + b"".join(
+                     b"X-%d: y\r\n" % i for i in range(rexec.MAX_HEADER_LINES - 2)),
+                 b"GET /health HTTP/1.1\r\n" + host + b"".join(
+                     b"X-%d: y\r\n" % i for i in range(rexec.MAX_HEADER_LINES - 1))]
+        for head in heads:
+            answers = []
+            for trickle in (False, True):
+                with socket.create_connection(("127.0.0.1", self.server.port), timeout=20) as sock:
+                    data = head + b"\r\n"
+                    if trickle:
+                        sock.sendall(data[:1])
+                        time.sleep(0.05)   # the first read takes that byte alone
+                        data = data[1:]
+                    with contextlib.suppress(OSError):
+                        sock.sendall(data)
+                        sock.shutdown(socket.SHUT_WR)
+                    received = b""
+                    with contextlib.suppress(ConnectionResetError):
+                        while True:
+                            chunk = sock.recv(65536)
+                            if not chunk:
+                                break
+                            received += chunk
+                answers.append(re.sub(rb"Date: [^\r]*", b"Date: -", received))
+            with self.subTest(head=head[:80]):
+                self.assertTrue(answers[0].startswith(b"HTTP/1."), answers[0][:100])
+                self.assertEqual(answers[0], answers[1])
+
     def test_refusals_before_authorization_close_the_connection(self):
         server = self.token_server()
         request = b"GET /process HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -2088,8 +2137,10 @@ class SecurityTests(ServerTestCase):
                            "HTTP/0.9 requests are not served", close=True)
         self.assertRefusal(raw_exchange(self.server, b"GARBAGE\r\n\r\n"), 400,
                            "Bad request syntax ('GARBAGE')", close=True)
-        raw = raw_exchange(self.server, b"GET /health HTTP/2.0\r\n\r\n")
-        self.assertTrue(raw.startswith(b"HTTP/1.1 505 "), raw)
+        for version in (b"2.0", b"0.9", b"0.10"):   # 0.9 spelled out: the answer had no status line
+            raw = raw_exchange(self.server, b"GET /health HTTP/%s\r\n\r\n" % version)
+            self.assertTrue(raw.startswith(b"HTTP/1.1 505 "), raw)
+            self.assertIn(b"Invalid HTTP version (%s)" % version, raw)
 
     def test_header_defects_get_400(self):
         for head in (b"GET /process HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n",
