@@ -795,14 +795,16 @@ def _text(obj, name, default=None, required=False, nonempty=False):
 
 
 def _check_os_string(value, what, *args):
-    """Refuse (400) `value` unless it can be an OS string; `what % args` names it
-    (made only then: a request's fields are nearly always fine)."""
+    """Refuse (400) `value` unless it can be an OS string; `what`, or `what % args`,
+    names it (made only then: a request's fields are nearly always fine)."""
     if "\0" in value:
-        raise Refused(HTTPStatus.BAD_REQUEST, "%s contains a NUL byte" % (what % args))
+        raise Refused(HTTPStatus.BAD_REQUEST, "%s contains a NUL byte" % (what % args if args
+                                                                           else what))
     try:
         value.encode(FS_ENCODING, FS_ERRORS)
     except UnicodeEncodeError:
-        raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text" % (what % args))
+        raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text"
+                      % (what % args if args else what))
 
 
 def alias_problem(alias):
@@ -1767,15 +1769,17 @@ class Stream:
         went out: closing them need not delay it."""
         if self.ended:
             return
+        try:
+            self.ending.finish()
+        finally:
+            if self.stderr is not None:
+                self.stderr.finish()
         self.ended = True
-        self.ending.finish()
-        if self.stderr is not None:
-            self.stderr.finish()
 
     def _step(self):
         """Let the ending move on; when anything is next due, or None."""
         now, ending, writer = time.monotonic(), self.ending, self.writer
-        slow = ending.exited and writer.pending   # a dead child's client has yet to take the rest
+        slow = ending.exited and bool(writer.pending)   # its client has yet to take the rest
         if slow and now >= writer.progress_at + WRITE_TIMEOUT:
             self.lose_client()   # ... and stopped reading
         due = ending.step(now, self._output_done)
@@ -2679,7 +2683,8 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
                                 "Invalid HTTP version (%s)" % words[-1][len("HTTP/"):])
                 return False
-            self.request_version = words[-1]
+            # As the framing reads it: "HTTP/01.0" is 1.0 (no chunked answer)
+            self.request_version = "HTTP/%d.%d" % version
             self.close_connection = version < (1, 1)
         if len(words) == 2:
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served")
@@ -2765,11 +2770,13 @@ class RexecHandler(http.server.BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         command = "GET" if self.command == "HEAD" else self.command
         if path == "/process":
-            return {"POST": self.start_process, "GET": self.list_processes}.get(command)
+            return (self.start_process if command == "POST" else
+                    self.list_processes if command == "GET" else None)
         if path.startswith("/process/") and command == "DELETE":
             return self.kill_process
         if command == "GET":
-            return {"/metrics": self.serve_metrics, "/health": self.serve_health}.get(path)
+            return (self.serve_metrics if path == "/metrics" else
+                    self.serve_health if path == "/health" else None)
         return None
 
     def _preflight(self):

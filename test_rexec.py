@@ -591,15 +591,16 @@ class ProtocolTests(ServerTestCase):
         self.assertEqual(response.body.decode().strip(), os.getcwd())
 
     def test_http10_gets_raw_bytes_and_a_close(self):
-        with Conn(self.server) as conn:
-            response = conn.request("POST", "/process",
-                                    {"alias": "a", "cmd": "printf", "args": ["a\\nb"]},
-                                    version="HTTP/1.0")
-            self.assertEqual(response.status, 200)
-            self.assertNotIn("transfer-encoding", response.headers)
-            self.assertEqual(response.headers["connection"], "close")
-            self.assertEqual(response.body, b"a\nb")
-            self.assertEqual(conn.sock.recv(1), b"")
+        for version in ("HTTP/1.0", "HTTP/01.00"):   # the same version, however written
+            with self.subTest(version=version), Conn(self.server) as conn:
+                response = conn.request("POST", "/process",
+                                        {"alias": "a", "cmd": "printf", "args": ["a\\nb"]},
+                                        version=version)
+                self.assertEqual(response.status, 200)
+                self.assertNotIn("transfer-encoding", response.headers)
+                self.assertEqual(response.headers["connection"], "close")
+                self.assertEqual(response.body, b"a\nb")
+                self.assertEqual(conn.sock.recv(1), b"")
 
     def test_keep_alive_across_requests_and_errors(self):
         with Conn(self.server) as conn:
@@ -960,35 +961,55 @@ class HttpHardeningTests(ServerTestCase):
         self.assertTrue(raw.startswith(b"HTTP/1.1 431 "), raw[:200])   # the request line counts
 
     def test_a_head_read_whole_is_answered_as_one_read_line_by_line(self):
-        """The head in one piece (it may be taken whole, rexec.WHOLE_HEAD) and its
-        first byte alone (it is then read line by line) get the same answer."""
+        """Heads sent in one piece (each of `whole` is taken in one piece,
+        rexec.WHOLE_HEAD) and with their first byte alone (then read line by
+        line) get the same answers; so do two requests in one send, the second
+        of which takes the other way when the first is read line by line."""
         host = b"Host: localhost\r\n"
-        heads = [b"GET /health HTTP/1.1\r\n" + host, b"GET /health HTTP/1.0\r\n",
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(rexec.MAX_HEADER_LINES - 2))
+        whole = [b"GET /health HTTP/1.1\r\n" + host, b"GET /health HTTP/1.0\r\n",
                  b"GET /health HTTP/1.1\r\n" + host + b"X-Empty:\r\nX-Tab:\tv\t\r\n",
-                 b"GET /health HTTP/1.1\r\nhost:localhost\r\nX-Hi: \xe9\xff\r\n",
-                 b"GET /he\x85alth HTTP/1.1\r\n" + host, b"GET /he\xa0alth HTTP/1.1\r\n" + host,
-                 b"GET /he\talth HTTP/1.1\r\n" + host, b"GET /health\tHTTP/1.1\r\n" + host,
-                 b"GET  /health HTTP/1.1\r\n" + host, b"GET /health HTTP/1.1 \r\n" + host,
-                 b"GET /health HTTP/2.0\r\n" + host, b"GET /health HTTP/1.10\r\n" + host,
-                 b"GET /health HTTP/0.9\r\n" + host, b"get /health HTTP/1.1\r\n" + host,
-                 b"G@T /health HTTP/1.1\r\n" + host, b"\r\nGET /health HTTP/1.1\r\n" + host,
-                 b"GET /health HTTP/1.1\r\n" + host + b" folded\r\n",
-                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\rb\r\n",
-                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\nb\r\n",
-                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\x00\r\n",
-                 b"GET /health HTTP/1.1\r\n" + host + b"X: a\x7f\r\n",
-                 b"GET /health HTTP/1.1\r\n" + host + b"X : a\r\n",
-                 b"GET /health HTTP/1.1\r\n" + host + b"no colon\r\n",
-                 b"GET /health HTTP/1.1\r\n" + host + b"X-%d: y\r\n" * 0,
-                 b"GET /health HTTP/1.1\r\n" + host + b"".join(
-                     b"X-%d: y\r\n" % i for i in range(rexec.MAX_HEADER_LINES - 2)),
-                 b"GET /health HTTP/1.1\r\n" + host + b"".join(
-                     b"X-%d: y\r\n" % i for i in range(rexec.MAX_HEADER_LINES - 1))]
-        for head in heads:
+                 b"GET /health HTTP/1.1\r\nhost:localhost\r\nX-Hi: \xe9\xff\x85\xa0 z\r\n",
+                 b"GET /health HTTP/2.0\r\n" + host, b"GET /health HTTP/0.9\r\n" + host,
+                 b"GET /health HTTP/1.1\r\n" + host + many,
+                 b"GET /health HTTP/1.1\r\n" + host + b"Content-Length: 0\r\n",
+                 b"POST /health HTTP/1.1\r\n" + host + b"Content-Length: 2\r\n",
+                 b"get /health HTTP/1.1\r\n" + host, b"GET /health?q=\x80 HTTP/1.1\r\n" + host]
+        others = [b"GET /he\x85alth HTTP/1.1\r\n" + host, b"GET /he\xa0alth HTTP/1.1\r\n" + host,
+                  b"GET /he\x1falth HTTP/1.1\r\n" + host,
+                  b"GET /he\talth HTTP/1.1\r\n" + host, b"GET /health\tHTTP/1.1\r\n" + host,
+                  b"GET  /health HTTP/1.1\r\n" + host, b"GET /health HTTP/1.1 \r\n" + host,
+                  b"GET /health HTTP/1.10\r\n" + host, b"G@T /health HTTP/1.1\r\n" + host,
+                  b"\r\nGET /health HTTP/1.1\r\n" + host,
+                  b"GET /health HTTP/1.1\r\n" + host + b" folded\r\n",
+                  b"GET /health HTTP/1.1\r\n" + host + b"X: a\rb\r\n",
+                  b"GET /health HTTP/1.1\r\n" + host + b"X: a\nb\r\n",
+                  b"GET /health HTTP/1.1\r\n" + host + b"X: a\x00\r\n",
+                  b"GET /health HTTP/1.1\r\n" + host + b"X: a\x7f\r\n",
+                  b"GET /health HTTP/1.1\r\n" + host + b"X : a\r\n",
+                  b"GET /health HTTP/1.1\r\n" + host + b"no colon\r\n"]
+        over = b"GET /health HTTP/1.1\r\n" + host + many + b"X-Last: y\r\n"   # a line too many
+        def taken_whole(head):
+            """What _whole_head() takes of `head` and a body, as (request line, header lines)."""
+            handler = rexec.RexecHandler.__new__(rexec.RexecHandler)
+            handler.rfile = io.BufferedReader(io.BytesIO(head + b"\r\nbody"))
+            lines = handler._whole_head()
+            if lines is None:
+                self.assertEqual(handler.rfile.read(), head + b"\r\nbody")   # nothing consumed
+                return None
+            self.assertEqual(handler.rfile.read(), b"body")
+            return handler.raw_requestline, lines
+        for head in whole:
+            line, _, rest = head.partition(b"\r\n")
+            self.assertEqual(taken_whole(head), (line + b"\r\n", rest + b"\r\n"), head[:80])
+        for head in others + [over]:
+            self.assertIsNone(taken_whole(head), head[:80])
+        pairs = [b"GET /health HTTP/1.1\r\n" + host + b"\r\n" + head for head in whole[:4]]
+        for head in whole + others + [over] + pairs:
             answers = []
             for trickle in (False, True):
                 with socket.create_connection(("127.0.0.1", self.server.port), timeout=20) as sock:
-                    data = head + b"\r\n"
+                    data = head + b"\r\n" + (b"xy" if head.startswith(b"POST") else b"")
                     if trickle:
                         sock.sendall(data[:1])
                         time.sleep(0.05)   # the first read takes that byte alone
@@ -1005,7 +1026,7 @@ class HttpHardeningTests(ServerTestCase):
                             received += chunk
                 answers.append(re.sub(rb"Date: [^\r]*", b"Date: -", received))
             with self.subTest(head=head[:80]):
-                self.assertTrue(answers[0].startswith(b"HTTP/1."), answers[0][:100])
+                self.assertTrue(answers[0].startswith(b"HTTP/1.1 "), answers[0][:100])
                 self.assertEqual(answers[0], answers[1])
 
     def test_refusals_before_authorization_close_the_connection(self):
