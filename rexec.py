@@ -798,13 +798,14 @@ def _check_os_string(value, what, *args):
     """Refuse (400) `value` unless it can be an OS string; `what`, or `what % args`,
     names it (made only then: a request's fields are nearly always fine)."""
     if "\0" in value:
-        raise Refused(HTTPStatus.BAD_REQUEST, "%s contains a NUL byte" % (what % args if args
-                                                                           else what))
-    try:
-        value.encode(FS_ENCODING, FS_ERRORS)
-    except UnicodeEncodeError:
-        raise Refused(HTTPStatus.BAD_REQUEST, "%s is not valid Unicode text"
-                      % (what % args if args else what))
+        problem = "contains a NUL byte"
+    else:
+        try:
+            value.encode(FS_ENCODING, FS_ERRORS)
+            return
+        except UnicodeEncodeError:
+            problem = "is not valid Unicode text"
+    raise Refused(HTTPStatus.BAD_REQUEST, "%s %s" % (what % args if args else what, problem))
 
 
 def alias_problem(alias):
@@ -2205,7 +2206,7 @@ class Event:
 
 
 _event_forms = {}   # (event, its field names) -> 'event name=%s ...' (see event_text)
-MAX_EVENT_FORMS = 256   # more are made each time: field names come from the code, so no more
+MAX_EVENT_FORMS = 256   # kept forms: the code has fewer; past this, each is made each time
 
 
 def event_text(event, fields):
