@@ -5017,7 +5017,7 @@ server.serve_forever()
 # about the least this design can take; argv[1] is rexec.py's directory.
 # With argv[2] "bare" it is BARE, the third reference: LEAN without the log
 # lines, the stderr pipe and the eventfd, so leaner than issue 18's fastest
-# prototype (which kept http.server); what no server of the shape can beat.
+# prototype (which kept http.server): a floor below any server with rexec's features.
 LEAN = r"""
 import json, mmap, os, queue, select, signal, socket, subprocess, sys, threading, time
 sys.path.insert(0, sys.argv[1])
